@@ -1,0 +1,122 @@
+"""Guidance terms: each maps the sampler's state at one step to a per-sample energy.
+
+The sampler takes a *list* of terms and knows nothing about what they compute: editing guidance (drag, inpaint,
+content) lives here; the quality discriminator (a later module) is one more term. A term declares which region its
+gradient may touch: "edit" (inside the editable mask), "content" (outside it) or "all".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from engine import energies as E
+
+Region = Literal["edit", "content", "all"]
+
+
+@dataclass
+class Geometry:
+    """Drag geometry at working resolution, shared by all terms of one edit."""
+
+    handles: torch.Tensor  # (P, 2) pixels
+    targets: torch.Tensor  # (P, 2) pixels
+    editable: torch.Tensor  # (H, W) float 0/1: where the edit may act
+    image_size: tuple[int, int]  # (W, H) working pixels
+    offsets: torch.Tensor  # (K, 2) patch offsets in pixels
+
+
+@dataclass
+class GuidanceContext:
+    """Everything a term may read at one guided step. `latents` requires grad; `features` carry the graph."""
+
+    step: int
+    num_steps: int
+    timestep: int
+    alpha_bar: float
+    latents: torch.Tensor
+    features: dict[int, torch.Tensor]
+    ref_features: dict[int, torch.Tensor]
+    text_embeddings: torch.Tensor
+    geometry: Geometry
+    extras: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class GuidanceTerm(Protocol):
+    name: str
+    region: Region
+
+    def active(self, step: int, num_steps: int) -> bool: ...
+
+    def energy(self, ctx: GuidanceContext) -> torch.Tensor:
+        """Weighted energy per sample, shape (B,)."""
+        ...
+
+
+def _over_blocks(ctx: GuidanceContext, fn) -> torch.Tensor:
+    """Average an energy over the hooked feature blocks (the paper normalises by layers)."""
+    vals = [fn(ctx.features[b].float(), ctx.ref_features[b].float()) for b in sorted(ctx.features)]
+    return torch.stack(vals, 0).mean(0)
+
+
+@dataclass
+class DragTerm:
+    """Pull target-region features toward the handle region's reference features (paper Eq. 9)."""
+
+    weight: float
+    steps: int  # n1
+    name: str = "drag"
+    region: Region = "edit"
+
+    def active(self, step: int, num_steps: int) -> bool:
+        return self.weight > 0 and step < self.steps
+
+    def energy(self, ctx: GuidanceContext) -> torch.Tensor:
+        g = ctx.geometry
+        return self.weight * _over_blocks(
+            ctx, lambda c, r: E.drag_energy(c, r, g.handles, g.targets, g.offsets, g.image_size)
+        )
+
+
+@dataclass
+class InpaintTerm:
+    """Penalise the vacated handle region for still looking like the handle (against ghosts)."""
+
+    weight: float
+    steps: int
+    name: str = "inpaint"
+    region: Region = "edit"
+
+    def active(self, step: int, num_steps: int) -> bool:
+        return self.weight > 0 and step < self.steps
+
+    def energy(self, ctx: GuidanceContext) -> torch.Tensor:
+        g = ctx.geometry
+        return self.weight * _over_blocks(
+            ctx, lambda c, r: E.inpaint_energy(c, r, g.handles, g.targets, g.offsets, g.image_size)
+        )
+
+
+@dataclass
+class ContentTerm:
+    """Keep the unrelated region's features like the reference (paper Eq. 10)."""
+
+    weight: float
+    steps: int
+    name: str = "content"
+    region: Region = "content"
+
+    def active(self, step: int, num_steps: int) -> bool:
+        return self.weight > 0 and step < self.steps
+
+    def energy(self, ctx: GuidanceContext) -> torch.Tensor:
+        unrelated = 1.0 - ctx.geometry.editable
+        return self.weight * _over_blocks(ctx, lambda c, r: E.content_energy(c, r, unrelated))
+
+
+def editing_terms(w_edit: float, w_inpaint: float, w_content: float, steps: int) -> list[GuidanceTerm]:
+    """The paper's editing guidance (Eq. 11) as three terms."""
+    return [DragTerm(w_edit, steps), InpaintTerm(w_inpaint, steps), ContentTerm(w_content, steps)]

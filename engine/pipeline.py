@@ -1,0 +1,344 @@
+"""Collaborative guidance sampling: one call that reads top to bottom.
+
+check inputs -> encode prompts -> encode image -> DDIM-invert with the source prompt(s) into the memory bank ->
+prepare z_T -> sample with the target prompt(s), CFG, K/V injection and the guidance terms -> decode -> map back.
+
+Several intentions (source/target prompt pairs) run as one batch: each distinct source prompt is inverted once (one
+batched pass), and all target prompts are sampled together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from engine.energies import patch_offsets
+from engine.errors import InputError, ResourceError
+from engine.features import FeatureTap
+from engine.guidance import Geometry, GuidanceContext, GuidanceTerm, editing_terms
+from engine.loading import Components, load_components
+from engine.memory import AttentionControl, MemoryBank, install_memory, uninstall_memory
+from engine.preprocess import Prepared, pil_to_tensor_array, prepare, restore, tensor_array_to_pil
+from engine.request import EditRequest
+
+
+@dataclass
+class StepEvent:
+    """Progress report for callbacks (the agent streams these)."""
+
+    phase: str  # "invert" | "sample"
+    step: int
+    total: int
+    energies: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class EditResult:
+    images: list[Image.Image]  # one per intention, at the input's size
+    working_images: list[Image.Image]
+    prompts: list[tuple[str, str]]
+    diagnostics: list[dict]  # per sampling step: timestep and each term's energy per intention
+    stats: dict  # timings, UNet forward/backward counts, memory bank size, working size
+    latents: torch.Tensor | None = None  # final latents (B, 4, h, w) on CPU, for verification and tests
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+# -- small pure helpers -------------------------------------------------------------------------------------------
+
+def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+    """Express any UNet parameterisation as a noise prediction, so guidance is always added to epsilon."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return math.sqrt(alpha_bar) * model_output + math.sqrt(1 - alpha_bar) * sample
+    if prediction_type == "sample":
+        return (sample - math.sqrt(alpha_bar) * model_output) / math.sqrt(1 - alpha_bar)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def capsule_mask(size: tuple[int, int], handles: np.ndarray, targets: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels within `radius[i]` of the segment handle_i -> target_i, for any i."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = np.zeros((h, w), dtype=bool)
+    for a, b, r in zip(handles, targets, radius):
+        ab = b - a
+        t = ((xx - a[0]) * ab[0] + (yy - a[1]) * ab[1]) / max(float(ab @ ab), 1e-6)
+        t = np.clip(t, 0.0, 1.0)
+        d2 = (xx - (a[0] + t * ab[0])) ** 2 + (yy - (a[1] + t * ab[1])) ** 2
+        out |= d2 <= r * r
+    return out
+
+
+def copy_patches(latents: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, scale: int, radius: int) -> torch.Tensor:
+    """Copy each handle's latent patch onto its target (DragonDiffusion's z_T initialisation)."""
+    out = latents.clone()
+    _, _, h, w = latents.shape
+    for hp, tp in zip(handles.tolist(), targets.tolist()):
+        hx, hy = int(hp[0] // scale), int(hp[1] // scale)
+        tx, ty = int(tp[0] // scale), int(tp[1] // scale)
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                sy, sx, ty2, tx2 = hy + dy, hx + dx, ty + dy, tx + dx
+                if 0 <= sy < h and 0 <= sx < w and 0 <= ty2 < h and 0 <= tx2 < w:
+                    out[:, :, ty2, tx2] = latents[:, :, sy, sx]
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg or "can't allocate" in msg
+
+
+# -- the editor ---------------------------------------------------------------------------------------------------
+
+class DragEditor:
+    """Drag editing on an SD-architecture model. Thread-unsafe: one edit at a time per editor."""
+
+    def __init__(self, components: Components, show_progress: bool = True) -> None:
+        self.c = components
+        self.show_progress = show_progress
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                        show_progress: bool = True) -> "DragEditor":
+        return cls(load_components(model, device, dtype), show_progress=show_progress)
+
+    # public API ------------------------------------------------------------------------------------------------
+    def edit(self, request: EditRequest, intentions: Sequence[tuple[str, str]] | None = None,
+             extra_terms: Sequence[GuidanceTerm] = (), callback: Callable[[StepEvent], None] | None = None) -> EditResult:
+        """Edit the image. `intentions`: (source, target) prompt pairs sampled as one batch; default: the request's."""
+        try:
+            with torch.inference_mode(False):
+                return self._edit(request, intentions, extra_terms, callback)
+        except (InputError, ResourceError):
+            raise
+        except RuntimeError as exc:
+            if _is_oom(exc):
+                if self.c.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise ResourceError(
+                    f"out of memory on {self.c.device}: lower the resolution, the number of intentions per batch, "
+                    "or kv_injection/edit_steps; or run on a bigger GPU"
+                ) from None
+            raise
+
+    # implementation -------------------------------------------------------------------------------------------
+    def _edit(self, request: EditRequest, intentions, extra_terms, callback) -> EditResult:
+        c, cfg = self.c, request.guidance
+        t_start = time.perf_counter()
+        pairs = list(intentions) if intentions else [(request.source_prompt, request.target_prompt)]
+        if not pairs:
+            raise InputError("no intentions to sample: give at least one (source, target) prompt pair")
+
+        # 1. check inputs
+        prep = prepare(request.image, request.drags, request.mask, c.native_size, c.size_multiple)
+        geometry = self._geometry(prep, cfg)
+        sources = list(dict.fromkeys(s for s, _ in pairs))
+        rows = torch.tensor([sources.index(s) for s, _ in pairs], device=c.device)
+
+        # 2. encode prompts
+        src_emb = self._encode(sources)
+        tgt_emb = self._encode([t for _, t in pairs])
+        null_emb = self._encode([""]).expand(len(pairs), -1, -1)
+
+        # 3. encode the image
+        z0 = self._encode_image(prep.image).expand(len(sources), -1, -1, -1)
+
+        # schedulers: guidance and inversion act on epsilon, whatever the checkpoint predicts
+        from diffusers import DDIMInverseScheduler, DDIMScheduler
+        pred_type = c.scheduler_config.get("prediction_type", "epsilon")
+        sched_cfg = {**c.scheduler_config, "prediction_type": "epsilon", "clip_sample": False}
+        scheduler = DDIMScheduler.from_config(sched_cfg)
+        inverse = DDIMInverseScheduler.from_config(sched_cfg)
+        scheduler.set_timesteps(request.steps, device=c.device)
+        inverse.set_timesteps(request.steps, device=c.device)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        alphas = scheduler.alphas_cumprod
+
+        terms: list[GuidanceTerm] = [
+            *editing_terms(cfg.w_edit, cfg.w_inpaint, cfg.w_content, cfg.edit_steps), *extra_terms
+        ]
+        guided_ts = {t for i, t in enumerate(timesteps) if any(term.active(i, request.steps) for term in terms)}
+        kv_ts = {t for i, t in enumerate(timesteps) if i >= cfg.kv_start_step} if cfg.kv_injection else set()
+
+        control = AttentionControl(bank=MemoryBank(), kv_mode=cfg.kv_mode, record_timesteps=kv_ts)
+        counter = {"forward": 0, "backward": 0}
+        count_hook = c.unet.register_forward_pre_hook(lambda *_: counter.__setitem__("forward", counter["forward"] + 1))
+        install_memory(c.unet, control)
+        tap = FeatureTap(c.unet, cfg.feature_blocks)
+        try:
+            # 4. invert with the source prompt(s), filling the memory bank and the reference features
+            t0 = time.perf_counter()
+            ref_feats, zT = self._invert(z0, src_emb, inverse, alphas, pred_type, control, tap, guided_ts, kv_ts, callback)
+            t_invert = time.perf_counter() - t0
+
+            # 5. z_T for each intention, optionally with the handle patch copied to the target
+            latents = zT.index_select(0, rows)
+            if cfg.init_copy:
+                radius = max(1, round((cfg.patch_radius + 0.5) * self._stride() / c.vae_scale))
+                latents = copy_patches(latents, geometry.handles, geometry.targets, c.vae_scale, radius)
+
+            # 6. sample with the target prompt(s)
+            t0 = time.perf_counter()
+            latents, diagnostics = self._sample(
+                latents, tgt_emb, null_emb, rows, scheduler, timesteps, alphas, pred_type, request, terms,
+                geometry, ref_feats, control, tap, kv_ts, counter, callback,
+            )
+            t_sample = time.perf_counter() - t0
+            bank_bytes = control.bank.nbytes()
+        finally:
+            tap.remove()
+            uninstall_memory(c.unet)
+            count_hook.remove()
+            control.bank.clear()
+
+        # 7. decode and map back to the input's size
+        working = self._decode(latents)
+        images = [restore(im, prep) for im in working]
+        stats = {
+            "invert_s": t_invert, "sample_s": t_sample, "total_s": time.perf_counter() - t_start,
+            "unet_forward": counter["forward"], "unet_backward": counter["backward"],
+            "memory_bank_mb": bank_bytes / 2**20, "working_size": prep.working_size,
+            "intentions": len(pairs), "inversions": len(sources),
+        }
+        return EditResult(images, working, pairs, diagnostics, stats, latents.detach().float().cpu())
+
+    # steps ----------------------------------------------------------------------------------------------------
+    def _stride(self) -> float:
+        """Pixel spacing of patch cells: DragonDiffusion's 1/4-resolution grid (half a latent cell)."""
+        return self.c.vae_scale / 2.0
+
+    def _geometry(self, prep: Prepared, cfg) -> Geometry:
+        handles = np.array([d.handle for d in prep.drags], dtype=np.float32)
+        targets = np.array([d.target for d in prep.drags], dtype=np.float32)
+        if prep.mask is not None:
+            editable = prep.mask
+        else:
+            lengths = np.linalg.norm(targets - handles, axis=1)
+            radius = np.maximum(cfg.auto_mask_radius * lengths, cfg.auto_mask_min * min(prep.working_size))
+            editable = capsule_mask(prep.working_size, handles, targets, radius)
+        dev = self.c.device
+        return Geometry(
+            handles=torch.from_numpy(handles).to(dev), targets=torch.from_numpy(targets).to(dev),
+            editable=torch.from_numpy(editable.astype(np.float32)).to(dev), image_size=prep.working_size,
+            offsets=patch_offsets(cfg.patch_radius, self._stride(), device=dev),
+        )
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.c.tokenizer
+        max_len = tok.model_max_length if tok.model_max_length and tok.model_max_length < 10_000 else 77
+        ids = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
+        return self.c.text_encoder(ids.to(self.c.device))[0].to(self.c.dtype)
+
+    @torch.no_grad()
+    def _encode_image(self, image: Image.Image) -> torch.Tensor:
+        vae = self.c.vae
+        x = torch.from_numpy(pil_to_tensor_array(image))[None].to(self.c.device, vae.dtype)
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        return z.to(self.c.dtype)
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.c.vae
+        x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return [tensor_array_to_pil(a) for a in x.float().cpu().numpy()]
+
+    def _unet(self, latents, t, emb, control: AttentionControl, mode: str, rows=None) -> torch.Tensor:
+        control.mode = mode
+        control.timestep = t
+        control.rows = rows
+        return self.c.unet(latents, t, encoder_hidden_states=emb).sample
+
+    @torch.no_grad()
+    def _invert(self, z0, src_emb, inverse, alphas, pred_type, control, tap, guided_ts, kv_ts, callback):
+        latents = z0
+        ref_feats: dict[int, dict[int, torch.Tensor]] = {}
+        ts = [int(t) for t in inverse.timesteps]
+        for i, t in enumerate(tqdm(ts, desc="invert", disable=not self.show_progress, leave=False)):
+            with tap.capture() as feats:
+                tap.active = t in guided_ts
+                out = self._unet(latents, t, src_emb, control, "record" if t in kv_ts else "off")
+            if t in guided_ts:
+                ref_feats[t] = {b: f.detach() for b, f in feats.items()}
+            # the inverse step evaluates eps at the current (less noisy) latent: the standard DDIM-inversion approximation
+            prev = max(t - inverse.config.num_train_timesteps // inverse.num_inference_steps, 0)
+            eps = to_epsilon(out, latents, float(alphas[prev]), pred_type)
+            latents = inverse.step(eps, t, latents).prev_sample
+            if callback:
+                callback(StepEvent("invert", i + 1, len(ts)))
+        return ref_feats, latents
+
+    def _sample(self, latents, tgt_emb, null_emb, rows, scheduler, timesteps, alphas, pred_type, request, terms,
+                geometry, ref_feats, control, tap, kv_ts, counter, callback):
+        g_scale = request.guidance_scale
+        diagnostics: list[dict] = []
+        n = len(timesteps)
+        edit_mask = F.adaptive_max_pool2d(geometry.editable[None, None], latents.shape[-2:])[0, 0]
+        for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not self.show_progress, leave=False)):
+            mode = "inject" if t in kv_ts else "off"
+            a_t = float(alphas[t])
+            active = [term for term in terms if term.active(i, n)]
+            record: dict = {"step": i, "timestep": t}
+            grad = None
+            if active and t in ref_feats:
+                with torch.enable_grad():
+                    x = latents.detach().requires_grad_(True)
+                    with tap.capture() as feats:
+                        eps_c = self._unet(x, t, tgt_emb, control, mode, rows)
+                    ref = {b: f.index_select(0, rows) for b, f in ref_feats[t].items()}
+                    ctx = GuidanceContext(i, n, t, a_t, x, feats, ref, tgt_emb, geometry)
+                    grad, energies = self._guidance_grad(active, ctx, edit_mask, counter)
+                record.update(energies)
+                eps_c = eps_c.detach()
+            else:
+                with torch.no_grad():
+                    eps_c = self._unet(latents, t, tgt_emb, control, mode, rows)
+            with torch.no_grad():
+                eps_u = self._unet(latents, t, null_emb, control, mode, rows)
+                eps_c = to_epsilon(eps_c, latents, a_t, pred_type)
+                eps_u = to_epsilon(eps_u, latents, a_t, pred_type)
+                eps = eps_u + g_scale * (eps_c - eps_u)
+                if grad is not None:
+                    # classifier guidance on epsilon (paper Eq. 16): eps + sqrt(1 - alpha_bar) * grad E
+                    eps = eps + math.sqrt(1.0 - a_t) * grad.to(eps.dtype)
+                latents = scheduler.step(eps, t, latents).prev_sample
+            diagnostics.append(record)
+            if callback:
+                callback(StepEvent("sample", i + 1, n, {k: v for k, v in record.items() if isinstance(v, list)}))
+        return latents, diagnostics
+
+    def _guidance_grad(self, terms: list[GuidanceTerm], ctx: GuidanceContext, edit_mask: torch.Tensor, counter):
+        """Sum of term gradients, each masked to its region; one backward pass per region used."""
+        by_region: dict[str, list[torch.Tensor]] = {}
+        energies: dict[str, list[float]] = {}
+        for term in terms:
+            e = term.energy(ctx)
+            energies[term.name] = [float(v) for v in e.detach().float().cpu()]
+            by_region.setdefault(term.region, []).append(e.sum())
+        regions = list(by_region)
+        total = torch.zeros_like(ctx.latents)
+        for k, region in enumerate(regions):
+            g, = torch.autograd.grad(torch.stack(by_region[region]).sum(), ctx.latents,
+                                     retain_graph=k < len(regions) - 1, allow_unused=True)
+            counter["backward"] += 1
+            if g is None:
+                continue
+            if region == "edit":
+                g = g * edit_mask
+            elif region == "content":
+                g = g * (1.0 - edit_mask)
+            total = total + g
+        return total.detach(), energies

@@ -1,0 +1,116 @@
+"""The edit request: what a caller hands the engine, validated at the boundary.
+
+Coordinates are always in the *original* image's pixels, (x, y) with x to the right and y down. The engine maps them
+to its working resolution and back; callers never see the working size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.errors import InputError
+
+Point = tuple[float, float]
+
+
+class DragPair(BaseModel):
+    """One drag: the content under `handle` should end up at `target`."""
+
+    handle: Point
+    target: Point
+
+    @field_validator("handle", "target")
+    @classmethod
+    def _finite(cls, v: Point) -> Point:
+        if not all(math.isfinite(c) for c in v):
+            raise ValueError(f"point {v} is not finite (NaN or inf)")
+        return v
+
+
+class GuidanceConfig(BaseModel):
+    """Weights and schedule of the guidance terms.
+
+    Units (ours, documented because the paper's equations were lost): every energy is dimensionless and O(1)
+    (similarities live in [0, 1]); the sampler adds ``sqrt(1 - alpha_bar_t) * w * dE/dz`` to the CFG noise estimate,
+    as classifier guidance does (paper Eq. 5/12/16). DragonDiffusion multiplies its raw gradient by
+    ``energy_scale (2e3) * 4e-2 = 80`` with w_edit 4 / w_content 6, i.e. effective weights of 320 / 480 on energies of the
+    same 1/(1 + 4 s) form. The paper's 4e-4 / 4e-4 / 1e-3 are weights in *its* (unpublished) normalisation and cannot be
+    mapped exactly; our defaults were chosen by measurement on ShapesWorld (see README "Guidance weights").
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    w_edit: float = Field(300.0, ge=0, description="Drag energy: target-region features -> handle reference features.")
+    w_content: float = Field(300.0, ge=0, description="Content energy: keep the unrelated region like the reference.")
+    w_inpaint: float = Field(30.0, ge=0, description="Push the vacated handle region away from its old content.")
+    edit_steps: int = Field(30, ge=0, description="n1: editing guidance is applied on the first n1 sampling steps.")
+    patch_radius: int = Field(1, ge=0, description="Half-size of the handle/target patches on the feature grid.")
+    feature_blocks: tuple[int, ...] = Field((1, 2), description="UNet up_blocks whose outputs are the features.")
+    kv_injection: bool = Field(True, description="Inject the inversion's self-attention K/V into the decoder.")
+    kv_start_step: int = Field(5, ge=0, description="First sampling step that uses the memory bank's K/V.")
+    kv_mode: Literal["concat", "replace"] = Field("concat", description="concat: attend to own + memory K/V.")
+    init_copy: bool = Field(True, description="Copy the handle's latent patch onto the target in z_T.")
+    auto_mask_radius: float = Field(
+        0.5, gt=0, description="No user mask: editable region = capsule around each drag, radius x drag length."
+    )
+    auto_mask_min: float = Field(0.1, ge=0, description="... and at least this fraction of the image's short side.")
+
+
+class EditRequest(BaseModel):
+    """One drag edit. `target_prompts` lets the agent sample several intentions from one inversion."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    image: Any = Field(description="Path, PIL.Image or HxWxC uint8 array.")
+    drags: list[DragPair] = Field(min_length=1)
+    mask: Any | None = Field(None, description="Editable region: path, PIL.Image or HxW array; nonzero = editable.")
+    source_prompt: str = ""
+    target_prompt: str = ""
+    seed: int = 0
+    steps: int = Field(50, ge=2, le=1000)
+    guidance_scale: float = Field(5.0, ge=1.0, le=30.0)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> "EditRequest":
+        """Build a request, turning pydantic's validation report into one clear InputError line."""
+        if "points" in kwargs:
+            kwargs["drags"] = drags_from_points(kwargs.pop("points"))
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise InputError(f"invalid edit request: {where}: {first.get('msg')}") from None
+
+
+def drags_from_points(points: Sequence[Sequence[float]]) -> list[DragPair]:
+    """Alternating handle/target points (DragBench's layout, the agent's `points`) -> drag pairs."""
+    pts = list(points)
+    if len(pts) == 0:
+        raise InputError("no drag points given: pass handle and target points in pairs, e.g. [(hx, hy), (tx, ty)]")
+    if len(pts) % 2:
+        raise InputError(f"got {len(pts)} points, an odd number: points come in (handle, target) pairs")
+    out = []
+    for i in range(0, len(pts), 2):
+        try:
+            h = (float(pts[i][0]), float(pts[i][1]))
+            t = (float(pts[i + 1][0]), float(pts[i + 1][1]))
+        except (TypeError, ValueError, IndexError):
+            raise InputError(f"point pair {i // 2 + 1} is not two (x, y) numbers: {pts[i]!r}, {pts[i + 1]!r}") from None
+        try:
+            out.append(DragPair(handle=h, target=t))
+        except ValidationError:
+            raise InputError(f"point pair {i // 2 + 1} has a NaN or infinite coordinate: {h} -> {t}") from None
+    return out
+
+
+def load_path_like(value: Any) -> Path | None:
+    """Return a Path when `value` names a file, else None."""
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    return None
