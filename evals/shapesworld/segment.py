@@ -33,7 +33,7 @@ PALETTE_HUES: dict[str, float] = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: fields hold arrays
 class SegObject:
     """One object found in an image.
 

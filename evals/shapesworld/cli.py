@@ -1,0 +1,40 @@
+"""``luciddrag train shapesworld``: the ShapesWorld commands, as a typer app the main CLI mounts.
+
+The main CLI does ``app.add_typer(shapesworld_cli.app, name="train")`` (or similar), giving
+``luciddrag train shapesworld [--out DIR] [--minutes N] [--seed S] [--resume]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from evals.shapesworld import MODEL_DIR
+
+app = typer.Typer(help="ShapesWorld: train the tiny test-bed diffusion model.", no_args_is_help=True)
+
+DOCS_DIR = Path(__file__).resolve().parents[2] / "docs" / "shapesworld"
+
+
+@app.command("shapesworld")
+def shapesworld(
+    out: Path = typer.Option(MODEL_DIR, help="Model folder to write (diffusers SD layout)."),
+    minutes: float = typer.Option(40.0, min=0.1, help="Training wall-clock budget (VAE + UNet), in minutes."),
+    seed: int = typer.Option(0, min=0, max=89, help="Seed for data, initialisation and noise."),
+    resume: bool = typer.Option(False, help="Continue from the state in --work-dir instead of starting over."),
+    work_dir: Path | None = typer.Option(None, help="Where resumable state lives (default: a temp folder)."),
+    docs: Path = typer.Option(DOCS_DIR, help="Where loss curves, sample grid and training record go."),
+    scenes: int = typer.Option(24_000, min=100, help="Number of training scenes to render."),
+) -> None:
+    """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
+    from evals.shapesworld.train import TrainConfig, default_work_dir, train
+
+    cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
+                      n_scenes=scenes, docs_dir=docs)
+    train(cfg, resume=resume)
+
+
+@app.callback()
+def _group() -> None:
+    """Training commands (a group, so that `shapesworld` stays a sub-command when mounted)."""

@@ -1,0 +1,485 @@
+"""Train the tiny ShapesWorld latent diffusion model on the CPU, seeded and resumable.
+
+Three phases, all inside one wall-clock budget:
+
+1. VAE: an ``AutoencoderKL`` (16/32/32 channels, 4x down, 4-channel 16x16 latents) on rendered scenes.
+2. Cache the latents of every training scene (posterior means) and set ``scaling_factor`` so they have unit std.
+3. UNet + text encoder: a ``UNet2DConditionModel`` with cross-attention down blocks and ``CrossAttnUpBlock2D`` in
+   ``up_blocks[1]`` and ``up_blocks[2]`` (the engine hooks those and their self-attention), conditioned by a
+   2-layer ``CLIPTextModel`` over a word-level tokenizer. Epsilon prediction with SD's noise schedule, Min-SNR(5)
+   loss weighting (converges markedly faster at this size), 10% empty captions for classifier-free guidance, and an
+   EMA of the weights, which is what gets saved.
+
+The result is saved in the diffusers Stable Diffusion folder layout (``model_index.json`` plus one subfolder per
+component, safetensors weights), so the engine loads it exactly like SD. State for ``--resume`` lives in a work
+directory outside the repository. Budget split and schedules depend on wall-clock time, so the *data and
+initialisation* are seeded, but the number of optimisation steps (recorded) depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from evals.shapesworld import world
+
+TRAIN_SEED_STRIDE = 10_000_000  # training scene i of run seed S is render_scene(S * STRIDE + i)
+HELDOUT_SEED_BASE = 900_000_000  # held-out evaluation scenes; never used for training (S < 90)
+MAX_TOKENS = 24
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
+IMAGE_SIZE = 64
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    work_dir: Path
+    seed: int = 0
+    minutes: float = 40.0  # total wall-clock budget, data rendering and evaluation excluded
+    vae_fraction: float = 0.22  # share of the budget for the VAE
+    n_scenes: int = 24_000
+    batch_size: int = 32
+    vae_lr: float = 1e-3
+    unet_lr: float = 1e-3
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1
+    attribute_dropout: float = 0.1
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    kl_weight: float = 1e-6
+    checkpoint_every_s: float = 120.0
+    docs_dir: Path | None = None
+    threads: int = 2
+
+
+# --------------------------------------------------------------------------------------------------- components
+
+
+def build_tokenizer():
+    """Word-level tokenizer over ``world.VOCABULARY``: "<bos> words <eos>", padded with <pad> to MAX_TOKENS."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {SPECIAL_TOKENS[k]: i for i, k in enumerate(("pad", "unk", "bos", "eos"))}
+    for w in world.VOCABULARY:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    bos, eos = SPECIAL_TOKENS["bos"], SPECIAL_TOKENS["eos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=SPECIAL_TOKENS["unk"],
+        pad_token=SPECIAL_TOKENS["pad"], model_max_length=MAX_TOKENS, padding_side="right")
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=64,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    return CLIPTextModel(cfg)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64,
+        attention_head_dim=4, norm_num_groups=8)
+
+
+def build_scheduler():
+    """DDIM with Stable Diffusion's settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+
+
+def model_index() -> dict:
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def save_model(out: Path, tokenizer, text_encoder, vae, unet) -> None:
+    """Write the diffusers SD folder layout, safetensors only."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    build_scheduler().save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    scheduler: object
+
+
+def load_components(folder: str | Path) -> Components:
+    """Load each component the way the engine does: ``from_pretrained(folder, subfolder=...)``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    folder = str(folder)
+    comps = Components(
+        tokenizer=AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+    for m in (comps.text_encoder, comps.vae, comps.unet):
+        m.eval().requires_grad_(False)
+    return comps
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SceneSet:
+    """Rendered training scenes kept compactly: uint8 images and per-shape attribute tuples (for captions)."""
+
+    images: np.ndarray  # N x H x W x 3 uint8
+    shapes: list[list[tuple[str, str, str, str]]]  # per scene: (shape, colour, size word, position phrase)
+
+    def caption(self, i: int, rng: np.random.Generator, attribute_dropout: float) -> str:
+        parts = [world.describe_shape(s, c, z if rng.random() >= attribute_dropout else None,
+                                      p if rng.random() >= attribute_dropout else None)
+                 for s, c, z, p in self.shapes[i]]
+        return world.join_descriptions(parts)
+
+
+def render_scene_set(seeds: range | list[int], desc: str = "render") -> SceneSet:
+    images, shapes = [], []
+    for s in tqdm(seeds, desc=desc, mininterval=10):
+        sc = world.render_scene(s, IMAGE_SIZE)
+        images.append(np.asarray(sc.image))
+        shapes.append([(x.shape, x.colour, x.size_word, x.position) for x in sc.shapes])
+    return SceneSet(np.stack(images), shapes)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NxHxWx3 -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def lr_at(progress: float, step: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base`` over the time budget (progress in [0, 1])."""
+    warm = min(1.0, (step + 1) / warmup)
+    return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    d = min(decay, (1 + step) / (10 + step))  # warm-up so early EMA is not dominated by the random init
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def smooth(values: list[float], k: int = 50) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < k:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    return (c[k:] - c[:-k]) / k
+
+
+# --------------------------------------------------------------------------------------------------- phases
+
+
+def train_vae(cfg: TrainConfig, data: SceneSet, budget_s: float, state_path: Path, log: dict) -> object:
+    """Phase 1; resumable from ``state_path``."""
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
+    step, elapsed, losses = 0, 0.0, []
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
+        if st.get("done"):
+            log["vae"] = st["log"]
+            return vae.eval()
+    n = len(data.images)
+    vae.train()
+    t0, last_ckpt = time.time() - elapsed, time.time()
+    bar = tqdm(desc="vae", mininterval=10, initial=step)
+    while (elapsed := time.time() - t0) < budget_s:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(elapsed / budget_s, step, cfg.vae_lr, cfg.warmup_steps)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        x = to_tensor(data.images[idx.numpy()])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(mse.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{np.mean(losses[-50:]):.4f}", t=f"{elapsed / 60:.1f}m")
+        if time.time() - last_ckpt > cfg.checkpoint_every_s:
+            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                         "step": step, "elapsed": elapsed, "losses": losses}, state_path)
+            last_ckpt = time.time()
+    bar.close()
+    vae.eval()
+    log["vae"] = {"steps": step, "seconds": round(elapsed, 1), "losses": losses,
+                  "final_mse_train_ema50": float(np.mean(losses[-50:])) if losses else None}
+    atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                 "elapsed": elapsed, "losses": losses, "done": True, "log": log["vae"]}, state_path)
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means of all images (unscaled)."""
+    out = [vae.encode(to_tensor(images[i:i + batch])).latent_dist.mean
+           for i in tqdm(range(0, len(images), batch), desc="encode", mininterval=10)]
+    return torch.cat(out)
+
+
+def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenizer, budget_s: float,
+               state_path: Path, log: dict) -> tuple[object, object]:
+    """Phase 3; returns the EMA text encoder and UNet. Resumable from ``state_path``."""
+    import copy
+
+    torch.manual_seed(cfg.seed * 1000 + 3)
+    unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
+    sched = build_scheduler()
+    alphas = sched.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 4)
+    cap_rng = np.random.default_rng(cfg.seed * 1000 + 5)
+    step, elapsed, losses = 0, 0.0, []
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        for m, k in ((unet, "unet"), (text_encoder, "te"), (ema_unet, "ema_unet"), (ema_te, "ema_te")):
+            m.load_state_dict(st[k])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        cap_rng.bit_generator.state = st["cap_rng"]
+        step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
+
+    def state(done: bool = False) -> dict:
+        return {"unet": unet.state_dict(), "te": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+                "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                "cap_rng": cap_rng.bit_generator.state, "step": step, "elapsed": elapsed, "losses": losses,
+                "done": done}
+
+    n = len(latents)
+    unet.train()
+    text_encoder.train()
+    t0, last_ckpt = time.time() - elapsed, time.time()
+    bar = tqdm(desc="unet", mininterval=10, initial=step)
+    while (elapsed := time.time() - t0) < budget_s:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(elapsed / budget_s, step, cfg.unet_lr, cfg.warmup_steps)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        captions = ["" if cap_rng.random() < cfg.caption_dropout
+                    else data.caption(int(i), cap_rng, cfg.attribute_dropout) for i in idx]
+        ids = tokenize(tokenizer, captions)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        cond = text_encoder(ids).last_hidden_state
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        # Min-SNR-gamma weighting for epsilon prediction: weight = min(SNR, gamma) / SNR.
+        w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_unet, unet, cfg.ema_decay, step)
+        ema_update(ema_te, text_encoder, cfg.ema_decay, step)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}", t=f"{elapsed / 60:.1f}m")
+        if time.time() - last_ckpt > cfg.checkpoint_every_s:
+            atomic_save(state(), state_path)
+            last_ckpt = time.time()
+    bar.close()
+    atomic_save(state(done=True), state_path)
+    log["unet"] = {"steps": step, "seconds": round(elapsed, 1), "losses": losses,
+                   "final_loss_mean200": float(np.mean(losses[-200:])) if losses else None,
+                   "params_unet": sum(p.numel() for p in unet.parameters()),
+                   "params_text_encoder": sum(p.numel() for p in text_encoder.parameters())}
+    return ema_te.eval(), ema_unet.eval()
+
+
+# --------------------------------------------------------------------------------------------------- docs
+
+
+def save_loss_curves(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, title in ((axes[0], "vae", "VAE reconstruction MSE ([-1,1])"),
+                           (axes[1], "unet", "UNet loss (Min-SNR-5 weighted eps MSE)")):
+        losses = log.get(key, {}).get("losses", [])
+        if losses:
+            ax.plot(losses, alpha=0.25, lw=0.5, label="per step")
+            s = smooth(losses)
+            ax.plot(np.arange(len(s)) + len(losses) - len(s), s, lw=1.5, label="mean of 50")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+
+def default_work_dir(seed: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"luciddrag_shapesworld_seed{seed}"
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run all phases and write the model folder, docs and training record. Returns the record."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    vae_state, unet_state = cfg.work_dir / "vae_state.pt", cfg.work_dir / "unet_state.pt"
+    if not resume:
+        for p in (vae_state, unet_state, cfg.work_dir / "latents.pt"):
+            p.unlink(missing_ok=True)
+    wall0 = time.time()
+    budget_s = cfg.minutes * 60
+    print(f"[shapesworld] budget {cfg.minutes:.1f} min: VAE {cfg.vae_fraction * cfg.minutes:.1f} min, "
+          f"UNet {(1 - cfg.vae_fraction) * cfg.minutes:.1f} min; {cfg.n_scenes} scenes; seed {cfg.seed}", flush=True)
+
+    t = time.time()
+    seeds = range(cfg.seed * TRAIN_SEED_STRIDE, cfg.seed * TRAIN_SEED_STRIDE + cfg.n_scenes)
+    data = render_scene_set(seeds)
+    render_s = time.time() - t
+    log: dict = {}
+    vae = train_vae(cfg, data, budget_s * cfg.vae_fraction, vae_state, log)
+
+    t = time.time()
+    lat_path = cfg.work_dir / "latents.pt"
+    if lat_path.exists():
+        latents = torch.load(lat_path)
+    else:
+        latents = encode_latents(vae, data.images)
+        atomic_save(latents, lat_path)
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+    encode_s = time.time() - t
+
+    tokenizer = build_tokenizer()
+    unet_budget = budget_s * (1 - cfg.vae_fraction)
+    text_encoder, unet = train_unet(cfg, data, latents, tokenizer, unet_budget, unet_state, log)
+    save_model(cfg.out, tokenizer, text_encoder, vae, unet)
+    train_s = log["vae"]["seconds"] + log["unet"]["seconds"]
+    print(f"[shapesworld] saved {cfg.out}; training used {train_s / 60:.1f} of {cfg.minutes:.1f} min "
+          f"(+{(render_s + encode_s) / 60:.1f} min rendering/encoding)", flush=True)
+
+    from evals.shapesworld import quality
+
+    t = time.time()
+    comps = load_components(cfg.out)
+    q = quality.evaluate(comps, docs_dir=cfg.docs_dir)
+    eval_s = time.time() - t
+    record = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "torch_threads": cfg.threads,
+        "seconds": {"render": round(render_s, 1), "vae": log["vae"]["seconds"], "encode": round(encode_s, 1),
+                    "unet": log["unet"]["seconds"], "evaluate": round(eval_s, 1),
+                    "total_wall": round(time.time() - wall0, 1)},
+        "vae": {k: v for k, v in log["vae"].items() if k != "losses"},
+        "unet": {k: v for k, v in log["unet"].items() if k != "losses"},
+        "latent_scaling_factor": scaling,
+        "quality": q,
+    }
+    if cfg.docs_dir is not None:
+        cfg.docs_dir.mkdir(parents=True, exist_ok=True)
+        save_loss_curves(log, cfg.docs_dir / "loss_curves.png")
+        (cfg.docs_dir / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+        np.savez_compressed(cfg.work_dir / "losses.npz", vae=np.asarray(log["vae"]["losses"]),
+                            unet=np.asarray(log["unet"]["losses"]))
+    print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2), flush=True)
+    return record
