@@ -86,6 +86,28 @@ def _check_folder(path: Path) -> None:
         )
 
 
+def _in_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "unet/config.json")
+        return isinstance(hit, str)
+    except Exception:  # malformed id etc.: let from_pretrained report it
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_components(model: str | os.PathLike | None = None, device: str | None = None,
                     dtype: str | torch.dtype | None = None) -> Components:
     """Load unet/vae/text encoder/tokenizer/scheduler config from a hub id or a local folder.
@@ -107,8 +129,19 @@ def load_components(model: str | os.PathLike | None = None, device: str | None =
         raise ModelLoadError(f"model folder not found: {model}")
     else:
         src = model
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    kw: dict[str, Any] = {"local_files_only": offline} if not local else {}
+    kw: dict[str, Any] = {}
+    if not local:
+        # Use the local cache when it has the model; only go to the network when it does not, and fail fast
+        # (instead of minutes of retries) when the hub cannot be reached.
+        cached = _in_cache(src)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        if not cached and (offline or not _hub_reachable()):
+            raise ModelLoadError(
+                f"{model!r} is not in the local Hugging Face cache and the hub cannot be reached. On a machine with "
+                f"network run `huggingface-cli download {model}` (or pass --model /path/to/diffusers/folder, "
+                "or set LUCIDDRAG_MODEL)."
+            )
+        kw["local_files_only"] = cached
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dt, **kw)
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32, **kw)
