@@ -1,0 +1,51 @@
+"""The agent's runtime context (LangGraph `context_schema`): everything configurable about one run.
+
+Defaults come from the environment where users expect them: LUCIDDRAG_MODEL (base model id or folder),
+LUCIDDRAG_DEVICE, LUCIDDRAG_HOME (artifacts, checkpoints), OPENAI_API_KEY / OPENAI_BASE_URL (read by tools.llm).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.loading import DEFAULT_MODEL
+from engine.request import GuidanceConfig
+from tools.llm import LLMSettings
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+@dataclass
+class AgentContext:
+    model: str = field(default_factory=lambda: _env("LUCIDDRAG_MODEL", DEFAULT_MODEL))
+    device: str | None = field(default_factory=lambda: _env("LUCIDDRAG_DEVICE"))
+    dtype: str | None = None
+    # sampling
+    steps: int = 50
+    guidance_scale: float = 5.0
+    seed: int = 0
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    batch_intentions: Literal["auto", "on", "off"] = "auto"
+    """Sample every intention in one batch on the first attempt (nearly free on a GPU; 'auto' = on with CUDA)."""
+    # reasoning
+    k: int = 3
+    selection: Literal["sample", "argmax"] = "sample"
+    locator: Literal["auto", "offline", "openai", "florence2", "osprey"] = "auto"
+    reasoner: Literal["auto", "llm", "offline"] = "auto"
+    llm: LLMSettings | None = None  # None: from the environment
+    # critique
+    max_attempts: int = 3
+    accept_md_fraction: float = 0.5
+    """Accept when the tracked handle ends within this fraction of the drag length from its target."""
+    critic_timestep: int = 261
+    critic_block: int = 1
+    critic_ensemble: int = 4
+    min_quality: float | None = None
+    """Minimum discriminator P(real) to accept, when a discriminator is configured."""
+    discriminator: str | None = field(default_factory=lambda: _env("LUCIDDRAG_DISCRIMINATOR"))
+    artifacts_dir: str | None = None
+    show_progress: bool = False

@@ -1,0 +1,229 @@
+"""The graph's nodes: ingest -> locate -> reason -> choose -> sample -> critique (-> sample ...).
+
+Each node reads the typed state and the run's context and returns a partial update. Images enter and leave through
+the artifact store; the only heavy work is in `sample` and `critique` (both behind tools in agent/tools.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from langgraph.runtime import Runtime
+from langgraph.types import interrupt
+from PIL import Image
+
+from agent.artifacts import ArtifactStore, ImageRef
+from agent.context import AgentContext
+from agent.state import AgentState, Attempt
+from agent.tools import sample_intentions, score_drag
+from engine.errors import InputError
+from engine.preprocess import MIN_SIDE, load_mask, open_image, to_rgb, validate_drags
+from engine.request import drags_from_points
+from tools.locator import LocatorConfig, describe_image, locate
+from tools.reasoner import ReasonerConfig, ReasonRequest, reason, select_intention
+from tools.schemas import DragPoints, Intention
+
+
+def _store(runtime: Runtime[AgentContext]) -> ArtifactStore:
+    return ArtifactStore(runtime.context.artifacts_dir)
+
+
+def _image(value: Any) -> Image.Image:
+    """An image from whatever the state holds: ImageRef (model or dict), path, PIL image, array."""
+    if isinstance(value, ImageRef) or (isinstance(value, dict) and "sha256" in value):
+        return ArtifactStore.get_image(value)
+    return open_image(value)
+
+
+def _mask_array(state: AgentState) -> np.ndarray | None:
+    m = state.get("mask")
+    return None if m is None else np.asarray(_image(m).convert("L")) > 127
+
+
+def _emit(runtime: Runtime[AgentContext], **event: Any) -> None:
+    if runtime.stream_writer is not None:
+        runtime.stream_writer(event)
+
+
+# -- nodes ---------------------------------------------------------------------------------------------------------
+
+def ingest(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Validate the request at the graph's entry (same errors as the engine) and store images by reference."""
+    if state.get("image") is None:
+        raise InputError("no image given: invoke with {'image': <path or PIL image>, 'points': [...]}")
+    image, _ = to_rgb(_image(state["image"]))
+    if min(image.size) < MIN_SIDE:
+        raise InputError(f"image is {image.width}x{image.height}: too small, each side must be at least {MIN_SIDE} px")
+    pairs = drags_from_points(state.get("points") or [])
+    validate_drags(pairs, image.size)
+    drags = DragPoints.from_pairs([(p.handle, p.target) for p in pairs])
+    store = _store(runtime)
+    update: dict[str, Any] = {"image": store.put_image(image), "drags": drags, "warnings": [], "attempts": [],
+                              "tried": [], "prepared": {}, "result": None, "accepted": False, "chosen": None}
+    if state.get("mask") is not None:
+        m = load_mask(state["mask"] if not isinstance(state["mask"], (ImageRef, dict)) else _image(state["mask"]),
+                      image.size)
+        update["mask"] = store.put_image(Image.fromarray(m.astype(np.uint8) * 255))
+    update["status"] = f"{len(pairs)} drag(s) on a {image.width}x{image.height} image"
+    return update
+
+
+def locate_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Locator tool: what is under each handle, and the image's description c."""
+    ctx = runtime.context
+    image = _image(state["image"])
+    cfg = LocatorConfig(backend=ctx.locator, llm=ctx.llm)
+    located = locate(image, state["drags"], _mask_array(state), cfg)
+    caption, source = describe_image(image, state.get("prompt"), located=located, config=cfg)
+    what = "; ".join(d.description for d in located.descriptions)
+    _emit(runtime, node="locate", message=f"handle: {what} ({located.backend}); image: {caption} ({source})")
+    return {"located": located, "caption": caption, "warnings": [*state.get("warnings", []), *located.warnings],
+            "status": f"located: {what}"}
+
+
+def _given_intention(value: Any, caption: str) -> tuple[Intention, str | None]:
+    if isinstance(value, Intention):
+        return value.model_copy(update={"confidence": 1.0}), None
+    if isinstance(value, dict):
+        data = {"source_prompt": caption, "target_prompt": caption, **value, "confidence": 1.0}
+        return Intention.model_validate(data), None
+    text = str(value).strip()
+    if not text:
+        raise InputError("intention is empty: give a short phrase, or leave it out to let the agent reason")
+    return (Intention(intention=text, source_prompt=caption, target_prompt=caption, confidence=1.0),
+            "intention given without prompts: both prompts are the image description (no semantic guidance)")
+
+
+def reason_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Reasoner tool: K intentions with prompts and confidences; the first pick is drawn by confidence (Eq. 6)."""
+    ctx = runtime.context
+    warnings = list(state.get("warnings", []))
+    if state.get("intention") is not None:
+        intention, note = _given_intention(state["intention"], state["caption"])
+        warnings += [note] if note else []
+        intentions = [intention]
+    else:
+        result = reason(ReasonRequest(drags=state["drags"], located=state["located"], caption=state["caption"],
+                                      k=ctx.k), ReasonerConfig(backend=ctx.reasoner, llm=ctx.llm))
+        intentions = result.intentions
+        warnings += result.warnings
+        if not intentions:
+            raise InputError("the reasoner proposed no intention for this drag")
+    selected = select_intention(intentions, set(), ctx.selection, ctx.seed)
+    listing = ", ".join(f"{i.intention} ({i.confidence:.2f})" for i in intentions)
+    _emit(runtime, node="reason", message=f"intentions: {listing}")
+    return {"intentions": intentions, "selected": selected, "warnings": warnings,
+            "status": f"trying: {intentions[selected].intention}"}
+
+
+def choose_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Human in the loop: when asked to confirm, pause with the intentions before any GPU work.
+
+    Resume with `Command(resume=<index> | {"intention", "source_prompt", "target_prompt"} | "auto")`.
+    """
+    if not state.get("confirm"):
+        return {}
+    options = [{"index": k, **i.model_dump()} for k, i in enumerate(state["intentions"])]
+    answer = interrupt({"question": "Which intention should I edit with?", "intentions": options})
+    if answer in (None, "auto"):
+        return {"confirm": False}
+    if isinstance(answer, int) or (isinstance(answer, str) and answer.isdigit()):
+        k = int(answer)
+        if not 0 <= k < len(state["intentions"]):
+            raise InputError(f"choice {k} is not one of the {len(state['intentions'])} intentions")
+        return {"selected": k, "confirm": False, "status": f"trying: {state['intentions'][k].intention}"}
+    chosen, _ = _given_intention(answer, state["caption"])
+    intentions = [*state["intentions"], chosen]
+    return {"intentions": intentions, "selected": len(intentions) - 1, "confirm": False,
+            "status": f"trying: {chosen.intention}"}
+
+
+def _batch(ctx: AgentContext) -> bool:
+    if ctx.batch_intentions == "auto":
+        import torch
+
+        return (ctx.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return ctx.batch_intentions == "on"
+
+
+def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Sampler tool: edit with the selected intention (or, batched, with every untried one at once)."""
+    ctx = runtime.context
+    k = state["selected"]
+    intentions = state["intentions"]
+    prepared = dict(state.get("prepared") or {})
+    t0 = time.perf_counter()
+    if k not in prepared:
+        todo = [k]
+        if _batch(ctx):
+            todo += [j for j in range(len(intentions)) if j != k and j not in state.get("tried", [])]
+
+        def progress(ev):
+            _emit(runtime, node="sample", phase=ev.phase, step=ev.step, total=ev.total, intention=intentions[k].intention)
+
+        res = sample_intentions(ctx, _image(state["image"]), state["drags"], _mask_array(state),
+                                [intentions[j] for j in todo], progress)
+        store = _store(runtime)
+        for j, im in zip(todo, res.images):
+            prepared[j] = store.put_image(im)
+    it = intentions[k]
+    attempt = Attempt(index=k, intention=it.intention, source_prompt=it.source_prompt, target_prompt=it.target_prompt,
+                      image=prepared.pop(k), seconds=time.perf_counter() - t0)
+    return {"attempts": [*state.get("attempts", []), attempt], "prepared": prepared,
+            "tried": [*state.get("tried", []), k], "status": f"sampled: {it.intention}"}
+
+
+def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Scorer tool: did the handle content arrive (DIFT tracking), and is the image faithful (discriminator)?
+
+    Accept -> done. Reject -> pick the next intention (by confidence, without replacement) while the attempt budget
+    lasts; when it is spent, return the best attempt, flagged as not accepted.
+    """
+    ctx = runtime.context
+    attempts = list(state["attempts"])
+    current = attempts[-1]
+    original, edited = _image(state["image"]), _image(current.image)
+    score = score_drag(ctx, original, edited, state["drags"], prompt=current.target_prompt)
+    reasons = []
+    if score["md_fraction"] > ctx.accept_md_fraction:
+        reasons.append(f"handle landed {score['md_px']:.1f} px from target "
+                       f"({score['md_fraction']:.0%} of the drag > {ctx.accept_md_fraction:.0%})")
+    quality = _quality(ctx, edited, current.target_prompt)
+    if quality is not None and ctx.min_quality is not None and quality < ctx.min_quality:
+        reasons.append(f"fidelity {quality:.2f} < {ctx.min_quality:.2f}")
+    verdict = "rejected" if reasons else "accepted"
+    current = current.model_copy(update={**score, "quality": quality, "verdict": verdict,
+                                         "reason": "; ".join(reasons) or "handle arrived"})
+    attempts[-1] = current
+    _emit(runtime, node="critique", message=f"{current.intention}: {verdict} ({current.reason})")
+    update: dict[str, Any] = {"attempts": attempts}
+    if verdict == "accepted":
+        return {**update, "accepted": True, "chosen": current, "result": current.image, "selected": None,
+                "status": f"accepted: {current.intention}"}
+    nxt = None
+    if len(attempts) < ctx.max_attempts:
+        nxt = select_intention(state["intentions"], set(state.get("tried", [])), ctx.selection, ctx.seed)
+    if nxt is not None:
+        return {**update, "selected": nxt, "status": f"rejected {current.intention}; trying "
+                                                     f"{state['intentions'][nxt].intention}"}
+    best = min(attempts, key=lambda a: (a.md_fraction if a.md_fraction is not None else float("inf")))
+    return {**update, "accepted": False, "chosen": best, "result": best.image, "selected": None,
+            "status": f"no attempt accepted after {len(attempts)}; returning the best ({best.intention}), "
+                      "flagged as not accepted"}
+
+
+def _quality(ctx: AgentContext, image: Image.Image, prompt: str) -> float | None:
+    """Discriminator P(real) of the result, when a discriminator is configured (quality-guidance issue)."""
+    if not ctx.discriminator:
+        return None
+    from agent.tools import get_editor
+    from engine.discriminator import load_discriminator, score_image
+
+    disc = load_discriminator(ctx.discriminator, get_editor(ctx).c)
+    return score_image(disc, get_editor(ctx).c, image, prompt)
+
+
+def after_critique(state: AgentState) -> str:
+    return "sample" if state.get("selected") is not None else "__end__"

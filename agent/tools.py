@@ -1,0 +1,122 @@
+"""The agent's tools: locator, reasoner, sampler, scorer.
+
+Each is a plain typed function (what the graph's nodes call, with the run's context) plus a LangChain tool wrapping
+it with JSON-friendly arguments (file paths, point lists) for a tool-calling chat model.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from langchain_core.tools import tool
+from PIL import Image
+
+from agent.artifacts import ArtifactStore, ImageRef
+from agent.context import AgentContext
+from engine.pipeline import DragEditor, EditResult, StepEvent
+from engine.request import EditRequest
+from engine.tracking import track_points
+from tools.schemas import DragPoints, Intention
+
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=2)
+def _editor(model: str, device: str | None, dtype: str | None) -> DragEditor:
+    return DragEditor.from_pretrained(model, device=device, dtype=dtype, show_progress=False)
+
+
+def get_editor(ctx: AgentContext) -> DragEditor:
+    """One loaded model per (model, device, dtype), shared by every run in the process."""
+    with _lock:
+        return _editor(ctx.model, ctx.device, ctx.dtype)
+
+
+def flat_points(drags: DragPoints) -> list[tuple[float, float]]:
+    return [p for pair in drags.pairs for p in (pair.handle, pair.target)]
+
+
+def sample_intentions(ctx: AgentContext, image: Image.Image, drags: DragPoints, mask: np.ndarray | None,
+                      intentions: Sequence[Intention], progress: Callable[[StepEvent], None] | None = None) -> EditResult:
+    """The sampler: one edit per intention, all in one batch from one inversion per distinct source prompt."""
+    editor = get_editor(ctx)
+    editor.show_progress = ctx.show_progress
+    req = EditRequest.create(image=image, points=flat_points(drags), mask=mask, steps=ctx.steps,
+                             guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance)
+    pairs = [(i.source_prompt, i.target_prompt) for i in intentions]
+    with _lock:  # one edit at a time per loaded model: the memory bank lives on the UNet's processors
+        return editor.edit(req, intentions=pairs, callback=progress)
+
+
+def score_drag(ctx: AgentContext, original: Image.Image, edited: Image.Image, drags: DragPoints,
+               prompt: str = "") -> dict[str, Any]:
+    """The scorer: track each handle's content into the edited image (DIFT features of the base UNet) and measure
+    how far it landed from its target, in pixels and as a fraction of the drag's length."""
+    editor = get_editor(ctx)
+    with _lock:
+        found = track_points(editor.c, original, edited, [p.handle for p in drags.pairs], prompt=prompt,
+                             t=ctx.critic_timestep, up_block=ctx.critic_block, ensemble=ctx.critic_ensemble,
+                             seed=ctx.seed)
+    dists = [float(np.hypot(f[0] - p.target[0], f[1] - p.target[1])) for f, p in zip(found, drags.pairs)]
+    fractions = [d / max(p.length, 1e-6) for d, p in zip(dists, drags.pairs)]
+    return {"tracked": found, "md_px": float(np.mean(dists)), "md_fraction": float(np.mean(fractions))}
+
+
+# -- LangChain tools (for a tool-calling chat model) -------------------------------------------------------------
+
+def _store(ctx: AgentContext) -> ArtifactStore:
+    return ArtifactStore(ctx.artifacts_dir)
+
+
+@tool
+def locate_handles(image_path: str, points: list[list[float]], mask_path: str | None = None) -> dict:
+    """Describe the object under each handle point. points alternate handle and target: [[hx, hy], [tx, ty], ...]."""
+    from tools.locator import LocatorConfig, locate
+
+    ctx = AgentContext()
+    res = locate(image_path, DragPoints.from_flat(points), mask_path, LocatorConfig(backend=ctx.locator, llm=ctx.llm))
+    return res.model_dump(exclude={"descriptions": {"__all__": {"region": {"mask_rle"}}}})
+
+
+@tool
+def reason_intentions(image_path: str, points: list[list[float]], caption: str | None = None, k: int = 3) -> dict:
+    """Propose k intentions for a drag (what the user probably means), each with source/target prompts and a
+    confidence. caption: a description of the whole image, if known."""
+    from tools.locator import LocatorConfig, describe_image, locate
+    from tools.reasoner import ReasonerConfig, ReasonRequest, reason
+
+    ctx = AgentContext()
+    drags = DragPoints.from_flat(points)
+    located = locate(image_path, drags, None, LocatorConfig(backend=ctx.locator, llm=ctx.llm))
+    text, _ = describe_image(image_path, caption, located=located)
+    res = reason(ReasonRequest(drags=drags, located=located, caption=text, k=k),
+                 ReasonerConfig(backend=ctx.reasoner, llm=ctx.llm))
+    return res.model_dump()
+
+
+@tool
+def drag_edit(image_path: str, points: list[list[float]], source_prompt: str, target_prompt: str,
+              mask_path: str | None = None, steps: int = 50, seed: int = 0) -> dict:
+    """Edit the image so the content at each handle moves to its target, steered from source_prompt (the image as
+    it is) to target_prompt (as it should become). Returns the path of the edited image."""
+    ctx = AgentContext(steps=steps, seed=seed)
+    drags = DragPoints.from_flat(points)
+    res = sample_intentions(ctx, Image.open(image_path), drags, mask_path and np.asarray(Image.open(mask_path)) > 0,
+                            [Intention(intention="edit", source_prompt=source_prompt, target_prompt=target_prompt,
+                                       confidence=1.0)])
+    ref: ImageRef = _store(ctx).put_image(res.image)
+    return {"edited_image_path": ref.path, "seconds": round(res.stats["total_s"], 2)}
+
+
+@tool
+def score_edit(original_path: str, edited_path: str, points: list[list[float]], prompt: str = "") -> dict:
+    """Check a drag edit: where did each handle's content land, and how far from its target (pixels, and as a
+    fraction of the drag length; below ~0.5 counts as arrived)."""
+    ctx = AgentContext()
+    return score_drag(ctx, Image.open(original_path), Image.open(edited_path), DragPoints.from_flat(points), prompt)
+
+
+TOOLS = [locate_handles, reason_intentions, drag_edit, score_edit]

@@ -1,0 +1,89 @@
+"""Point tracking with diffusion features (DIFT): where did the handle's content go?
+
+Used by the agent's critic (drag-accuracy self-verification) and by the Mean Distance metric. The recipe follows
+DragDiffusion's evaluation of DIFT: noise the image's latent to timestep t, run the UNet once with the prompt, read
+one decoder block's output (a forward hook, no copied forward), average over an ensemble of noises, upsample
+bilinearly to the image size and take, for each handle, the most cosine-similar location in the other image.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine.energies import sample_at
+from engine.features import FeatureTap
+from engine.loading import Components
+from engine.preprocess import pil_to_tensor_array, scale_point, to_rgb, working_size
+
+
+@torch.no_grad()
+def dift_features(c: Components, image: Image.Image, prompt: str, t: int, up_block: int, ensemble: int,
+                  seed: int = 42) -> torch.Tensor:
+    """(C, h, w) features of an RGB image already at a valid working size."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(c.scheduler_config)
+    vae = c.vae
+    x = torch.from_numpy(pil_to_tensor_array(image))[None].to(c.device, vae.dtype)
+    z = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).to(c.dtype)
+    tok = c.tokenizer
+    max_len = tok.model_max_length if tok.model_max_length and tok.model_max_length < 10_000 else 77
+    ids = tok([prompt], padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
+    emb = c.text_encoder(ids.to(c.device))[0].to(c.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((ensemble, *z.shape[1:]), generator=gen).to(c.device, c.dtype)
+    tt = torch.full((ensemble,), int(t), device=c.device, dtype=torch.long)
+    noisy = sched.add_noise(z.expand(ensemble, -1, -1, -1), noise, tt)
+    tap = FeatureTap(c.unet, [up_block])
+    try:
+        with tap.capture() as feats:
+            c.unet(noisy, tt, encoder_hidden_states=emb.expand(ensemble, -1, -1))
+        out = feats[up_block].float().mean(0)
+    finally:
+        tap.remove()
+    return out
+
+
+def nearest_match(src_feat: torch.Tensor, dst_feat: torch.Tensor, points: Sequence[tuple[float, float]],
+                  image_size: tuple[int, int]) -> list[tuple[float, float]]:
+    """For each point of the source image, the pixel of the destination whose feature is most cosine-similar.
+
+    Destination features are upsampled bilinearly to the full image size, as DragDiffusion's evaluation does.
+    """
+    w, h = image_size
+    q = sample_at(src_feat[None], torch.tensor(points, dtype=torch.float32, device=src_feat.device), image_size)[0]
+    dst = F.interpolate(dst_feat[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    dst = F.normalize(dst.flatten(1), dim=0)  # (C, H*W)
+    sims = F.normalize(q, dim=0).T @ dst  # (P, H*W)
+    idx = sims.argmax(-1).tolist()
+    return [(float(i % w), float(i // w)) for i in idx]
+
+
+def track_points(c: Components, source: Image.Image, edited: Image.Image, handles: Sequence[tuple[float, float]],
+                 prompt: str = "", t: int = 261, up_block: int = 1, ensemble: int = 8, seed: int = 42,
+                 resolution: int | None = None) -> list[tuple[float, float]]:
+    """Where each handle of `source` is found in `edited` (both the same size), in the images' own pixels."""
+    src, _ = to_rgb(source)
+    dst, _ = to_rgb(edited)
+    if src.size != dst.size:
+        dst = dst.resize(src.size, Image.Resampling.LANCZOS)
+    size = src.size
+    wsize = working_size(*size, resolution or c.native_size, c.size_multiple)
+    src_w = src.resize(wsize, Image.Resampling.LANCZOS) if wsize != size else src
+    dst_w = dst.resize(wsize, Image.Resampling.LANCZOS) if wsize != size else dst
+    fs = dift_features(c, src_w, prompt, t, up_block, ensemble, seed)
+    fd = dift_features(c, dst_w, prompt, t, up_block, ensemble, seed)
+    pts = [scale_point(p, size, wsize) for p in handles]
+    found = nearest_match(fs, fd, pts, wsize)
+    return [scale_point(p, wsize, size) for p in found]
+
+
+def mean_distance(found: Sequence[tuple[float, float]], targets: Sequence[tuple[float, float]]) -> float:
+    """Mean L2 distance between tracked points and their targets (DragBench's Mean Distance for one image)."""
+    a, b = np.asarray(found, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    return float(np.linalg.norm(a - b, axis=1).mean())
