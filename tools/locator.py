@@ -26,6 +26,7 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -370,6 +371,18 @@ def message_text(content: Any) -> str:
     return "".join(parts)
 
 
+def locator_variables(image_size: tuple[int, int], display_size: tuple[int, int],
+                      drags: DragPoints) -> dict[str, Any]:
+    """Exactly the variables the code gives a ``locate_region`` template."""
+    return {"image_width": image_size[0], "image_height": image_size[1], "display_width": display_size[0],
+            "display_height": display_size[1], "points": format_points(drags), "n_points": len(drags.pairs)}
+
+
+def caption_variables(image_size: tuple[int, int]) -> dict[str, Any]:
+    """Exactly the variables the code gives a ``caption_image`` template."""
+    return {"image_width": image_size[0], "image_height": image_size[1]}
+
+
 class OpenAIVisionLocator:
     """Visual prompting through any OpenAI-compatible vision chat model."""
 
@@ -395,9 +408,7 @@ class OpenAIVisionLocator:
         width, height = image.size
         annotated = draw_drags(image, drags, mask=mask, min_side=self.min_display_side)
         name, version = parse_label(self.prompt)
-        rendered = load_template(name, version).render(
-            image_width=width, image_height=height, display_width=annotated.width,
-            display_height=annotated.height, points=format_points(drags), n_points=len(drags.pairs))
+        rendered = load_template(name, version).render(**locator_variables(image.size, annotated.size, drags))
         pictures: list[tuple[str, Image.Image]] = [("The image with the drags drawn on it:", annotated)]
         for i, pair in enumerate(drags.pairs):
             crop, _ = zoomed_crop(image, pair.handle, i, fraction=self.crop_fraction, target=pair.target)
@@ -432,7 +443,7 @@ class OpenAIVisionLocator:
 
     def caption(self, image: Image.Image) -> str | None:
         name, version = parse_label(self.caption_prompt)
-        rendered = load_template(name, version).render(image_width=image.width, image_height=image.height)
+        rendered = load_template(name, version).render(**caption_variables(image.size))
         shown = image if min(image.size) >= self.min_display_side else draw_drags(
             image, [], min_side=self.min_display_side)
         reply = self.model.invoke(_vision_messages(rendered, [("", shown)]))
@@ -469,7 +480,8 @@ def quantize_box(box: tuple[float, float, float, float], width: int, height: int
     bw, bh = width / FLORENCE_BINS, height / FLORENCE_BINS
 
     def q(v: float, per_bin: float) -> int:
-        return int(min(max(v // per_bin, 0), FLORENCE_BINS - 1))
+        # floor(v / per_bin), not v // per_bin: the two differ in floating point and transformers uses the former.
+        return int(min(max(math.floor(v / per_bin), 0), FLORENCE_BINS - 1))
 
     return q(x0, bw), q(y0, bh), q(x1, bw), q(y1, bh)
 

@@ -579,6 +579,11 @@ def offline_reason(request: ReasonRequest) -> ReasonerResult:
 # ------------------------------------------------------------------------------------------------ LLM reasoner
 
 
+def repair_variables(error: str, previous_answer: str) -> dict[str, Any]:
+    """Exactly the variables the code gives a ``repair_answer`` template."""
+    return {"error": error, "previous_answer": previous_answer}
+
+
 class _AnswerError(Exception):
     def __init__(self, error: str, previous: str) -> None:
         super().__init__(error)
@@ -609,10 +614,13 @@ def _ask(structured: Any, messages: list[Any]) -> IntentionSet:
         # json_schema mode: the openai client parses the reply itself and raises here, before include_raw can
         # catch it; pydantic's message quotes the offending input, which is what the repair prompt needs.
         raise _AnswerError(_short_error(exc), _input_from_validation(exc)) from exc
-    parsed, error = out.get("parsed"), out.get("parsing_error")
+    parsed, error, raw = out.get("parsed"), out.get("parsing_error"), out.get("raw")
     if error is not None or parsed is None:
-        raise _AnswerError(_short_error(error) if error else "no structured answer was returned",
-                           _raw_text(out.get("raw")))
+        invalid = getattr(raw, "invalid_tool_calls", None) or []
+        reason = (_short_error(error) if error is not None
+                  else str(invalid[0].get("error") or "the tool call was invalid").split("For troubleshooting")[0]
+                  if invalid else "no structured answer was returned")
+        raise _AnswerError(reason.strip(), _raw_text(raw))
     if isinstance(parsed, dict):
         parsed = IntentionSet.model_validate(parsed)
     return parsed
@@ -647,7 +655,7 @@ def llm_reason(request: ReasonRequest, chat_model: Any, *, method: StructuredMet
     except _AnswerError as first:
         log.info("LLM answer failed the schema (%s); asking once more", first.error)
         name, version = parse_label(repair_prompt)
-        repair = load_template(name, version).render(error=first.error, previous_answer=first.previous)
+        repair = load_template(name, version).render(**repair_variables(first.error, first.previous))
         try:
             answer = _ask(structured, messages + repair.to_langchain())
             warnings.append(f"the LLM's first answer failed the schema ({first.error.splitlines()[0][:160]}); "
