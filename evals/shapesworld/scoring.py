@@ -96,13 +96,15 @@ def ghost_fraction(edited_fg: np.ndarray, old_footprint: np.ndarray, explained: 
 
 def explained_pixels(task: DragTask, obj: SegObject | None, margin: int) -> np.ndarray:
     """Pixels a correct result may have saturated: the ground-truth footprint and, when the matched object is a
-    clean shape of the right class, the ground-truth shape re-centred on that object (a move that lands a pixel off
-    is not a ghost), each grown by ``margin``. The matched object's own mask is deliberately *not* used: a copy left
-    behind that touches the moved shape merges with it, and a shape that failed to shrink would explain itself."""
+    clean shape (right class, area within 35% of the ground truth's), the ground-truth shape re-centred on that
+    object (a move that lands a pixel off is not a ghost); grown by ``margin``. The matched object's own mask is
+    deliberately *not* used: a copy left behind that touches the moved shape merges with it into one big blob, and
+    a shape that failed to shrink would explain itself."""
     size = task.image_size
     new_spec = task.target.spec()
     explained = world.rasterize(new_spec, size, size)
-    if obj is not None and obj.shape == task.source.shape:
+    target_area = float(explained.sum())
+    if obj is not None and obj.shape == task.source.shape and abs(obj.area - target_area) <= 0.35 * target_area:
         dx, dy = obj.centroid[0] - task.expected_centroid[0], obj.centroid[1] - task.expected_centroid[1]
         explained |= world.rasterize(new_spec.moved(dx, dy), size, size)
     return world.dilate(explained, margin)

@@ -25,7 +25,7 @@ from evals.shapesworld.world import COLOURS, ShapeSpec, rasterize
 SAT_THRESHOLD = 0.45  # HSV saturation: background <= 0.22, palette >= 0.74
 MIN_VALUE = 0.16  # below this brightness, hue/saturation are noise
 MIN_OBJECT_FRACTION = 0.002  # components smaller than this fraction of the image are specks, not objects
-HUE_TOLERANCE_DEG = 20.0  # a hue further than this from every palette hue is "unknown"
+HUE_TOLERANCE_DEG = 15.0  # a hue further than this from every palette hue is "unknown" (orange, 16-36 deg, is)
 SPLIT_MINORITY_FRACTION = 0.2  # split a component by colour when a second colour holds this share of it
 
 PALETTE_HUES: dict[str, float] = {
