@@ -1,0 +1,156 @@
+"""The drag-edit graph end to end on a tiny model with the offline locator/reasoner."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+from PIL import Image
+
+import agent.nodes as nodes
+from agent.artifacts import ImageRef
+from agent.context import AgentContext
+from agent.graph import build_graph
+from engine.errors import InputError
+from evals.shapesworld.world import render_scene
+
+
+@pytest.fixture()
+def scene():
+    sc = render_scene(5, n_shapes=1)
+    cx, cy = sc.shapes[0].centroid
+    return sc, [(cx, cy), (min(cx + 12, 60), cy)]
+
+
+@pytest.fixture()
+def ctx(tiny_model_dir, tmp_path):
+    return AgentContext(model=str(tiny_model_dir), device="cpu", steps=4, max_attempts=3, locator="offline",
+                        reasoner="offline", critic_ensemble=1, artifacts_dir=str(tmp_path / "art"))
+
+
+def _cfg(thread="t"):
+    return {"configurable": {"thread_id": thread}}
+
+
+def _scores(monkeypatch, fractions):
+    """Make the critic see these drag-accuracy fractions, in order (routing under test, not the tracker)."""
+    seq = iter(fractions)
+
+    def fake(ctx, original, edited, drags, prompt=""):
+        f = next(seq)
+        return {"tracked": [p.target for p in drags.pairs], "md_px": 10 * f, "md_fraction": f}
+
+    monkeypatch.setattr(nodes, "score_drag", fake)
+
+
+def test_plain_invoke_with_pil_image_and_points(scene, ctx):
+    """Exactly the user's words: graph.invoke({"image": ..., "points": [...]}), real tracker as critic."""
+    sc, pts = scene
+    g = build_graph()
+    ctx.accept_md_fraction = 10.0  # accept whatever the tiny random model makes
+    out = g.invoke({"image": sc.image, "points": pts}, context=ctx)
+    assert out["accepted"] is True and isinstance(out["result"], ImageRef)
+    assert Image.open(out["result"].path).size == sc.image.size
+    assert len(out["intentions"]) >= 2 and abs(sum(i.confidence for i in out["intentions"]) - 1) < 1e-6
+    assert out["chosen"].md_fraction is not None and out["chosen"].verdict == "accepted"
+    assert "offline" in out["located"].backend
+
+
+def test_reject_then_next_intention(scene, ctx, monkeypatch):
+    sc, pts = scene
+    _scores(monkeypatch, [0.9, 0.1])
+    g = build_graph(checkpointer=InMemorySaver(), artifacts_dir=ctx.artifacts_dir)
+    trajectory = []
+    for update in g.stream({"image": sc.image, "points": pts}, _cfg(), context=ctx, stream_mode="updates"):
+        trajectory += list(update)
+    assert trajectory == ["ingest", "locate", "reason", "choose", "sample", "critique", "sample", "critique"]
+    out = g.get_state(_cfg()).values
+    first, second = out["attempts"]
+    assert first.verdict == "rejected" and second.verdict == "accepted"
+    assert first.index != second.index  # without replacement
+    assert out["accepted"] and out["chosen"].index == second.index
+
+
+def test_all_rejected_returns_best_flagged(scene, ctx, monkeypatch):
+    sc, pts = scene
+    _scores(monkeypatch, [0.9, 0.7, 0.95])
+    ctx.k, ctx.max_attempts = 3, 2
+    out = build_graph().invoke({"image": sc.image, "points": pts}, context=ctx)
+    assert out["accepted"] is False and len(out["attempts"]) == 2  # our budget, not LangGraph's recursion limit
+    assert out["chosen"].md_fraction == 0.7 and "not accepted" in out["status"]
+
+
+def test_interrupt_and_resume_with_choice(scene, ctx, monkeypatch):
+    sc, pts = scene
+    _scores(monkeypatch, [0.1])
+    g = build_graph(checkpointer=InMemorySaver(), artifacts_dir=ctx.artifacts_dir)
+    first = g.invoke({"image": sc.image, "points": pts, "confirm": True}, _cfg("hitl"), context=ctx)
+    intr = first["__interrupt__"][0].value
+    assert len(intr["intentions"]) >= 2
+    assert g.get_state(_cfg("hitl")).next == ("choose",)  # paused before any sampling
+    out = g.invoke(Command(resume=1), _cfg("hitl"), context=ctx)
+    assert out["chosen"].index == 1 and out["chosen"].intention == intr["intentions"][1]["intention"]
+
+
+def test_given_intention_skips_reasoning(scene, ctx, monkeypatch):
+    sc, pts = scene
+    _scores(monkeypatch, [0.1])
+    it = {"intention": "make it bigger", "source_prompt": "a small red circle", "target_prompt": "a big red circle"}
+    out = build_graph().invoke({"image": sc.image, "points": pts, "intention": it}, context=ctx)
+    assert [i.intention for i in out["intentions"]] == ["make it bigger"]
+    assert out["chosen"].target_prompt == "a big red circle"
+
+
+@pytest.mark.parametrize("inp, msg", [
+    ({"points": [(1, 1), (5, 5)]}, "no image"),
+    ({"points": [(1, 1)]}, "odd"),
+    ({"points": [(1, 1), (500, 5)]}, "outside"),
+    ({"points": [(3, 3), (3, 3)]}, "same point"),
+])
+def test_bad_input_rejected_at_entry(scene, ctx, inp, msg):
+    sc, _ = scene
+    payload = {"image": sc.image, **inp} if msg != "no image" else inp
+    with pytest.raises(InputError, match=msg):
+        build_graph().invoke(payload, context=ctx)
+
+
+def test_crash_resume_from_sqlite_and_db_stays_small(scene, ctx, monkeypatch, tmp_path):
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    sc, pts = scene
+    _scores(monkeypatch, [0.1])
+    calls = {"locate": 0, "sample": 0}
+    real_locate, real_sample = nodes.locate, nodes.sample_intentions
+
+    def counting_locate(*a, **k):
+        calls["locate"] += 1
+        return real_locate(*a, **k)
+
+    def crashing_sample(*a, **k):
+        calls["sample"] += 1
+        if calls["sample"] == 1:
+            raise RuntimeError("simulated crash (power cut) during sampling")
+        return real_sample(*a, **k)
+
+    monkeypatch.setattr(nodes, "locate", counting_locate)
+    monkeypatch.setattr(nodes, "sample_intentions", crashing_sample)
+    db = tmp_path / "threads.sqlite"
+    conn = sqlite3.connect(str(db), check_same_thread=False)
+    g = build_graph(checkpointer=SqliteSaver(conn), artifacts_dir=ctx.artifacts_dir)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        g.invoke({"image": sc.image, "points": pts}, _cfg("crash"), context=ctx)
+    conn.close()
+    # a new process: fresh connection, fresh graph, same thread -> resumes at `sample`, does not locate again
+    conn = sqlite3.connect(str(db), check_same_thread=False)
+    g = build_graph(checkpointer=SqliteSaver(conn), artifacts_dir=ctx.artifacts_dir)
+    assert g.get_state(_cfg("crash")).next == ("sample",)
+    out = g.invoke(None, _cfg("crash"), context=ctx)
+    assert out["accepted"] and calls == {"locate": 1, "sample": 2}
+    # no image bytes in the database: a 64x64 RGB image alone is 12 KB raw; PNG magic must not appear
+    blob = b"".join(bytes(r[0]) for r in conn.execute("select checkpoint from checkpoints"))
+    blob += b"".join(bytes(r[0]) for r in conn.execute("select value from writes") if r[0] is not None)
+    assert b"\x89PNG" not in blob and sc.image.tobytes()[:64] not in blob
+    conn.close()
+    assert db.stat().st_size < 200_000
