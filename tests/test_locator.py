@@ -116,8 +116,19 @@ def test_points_outside_the_image_and_bad_masks_are_input_errors() -> None:
         locate(img, DragPoints.from_flat([[10, 10], [20, 48.6]]))
     with pytest.raises(InputError, match="mask is 10x10"):
         locate(img, DragPoints.from_flat([[10, 10], [20, 20]]), mask=np.ones((10, 10), bool))
+    with pytest.raises(InputError, match="cannot read mask"):
+        locate(img, DragPoints.from_flat([[10, 10], [20, 20]]), mask="/nonexistent/mask.png")
     with pytest.raises(InputError, match="alternate"):
         DragPoints.from_flat([[1, 2], [3, 4], [5, 6]])
+
+
+def test_mask_from_a_file_is_accepted(tmp_path: Any) -> None:
+    mask = np.zeros((48, 64), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = locate(photo_like(64, 48), DragPoints.from_flat([[10, 10], [20, 20]]), mask=tmp_path / "mask.png",
+                    config=LocatorConfig(backend="offline"))
+    assert result.descriptions[0].description == "the region around (10, 10)"
 
 
 def test_auto_without_key_is_offline_with_a_one_line_notice() -> None:

@@ -119,10 +119,17 @@ def load_image(image: ImageLike) -> Image.Image:
         raise InputError(f"cannot read image {path}: {exc}") from exc
 
 
-def as_mask(mask: np.ndarray | Image.Image | None, width: int, height: int) -> np.ndarray | None:
-    """A HxW bool mask from an array or a PIL image (nonzero = inside), checked against the image size."""
+def as_mask(mask: np.ndarray | Image.Image | str | Path | None, width: int, height: int) -> np.ndarray | None:
+    """A HxW bool mask from an array, a PIL image or an image file (nonzero = inside), checked against the image
+    size."""
     if mask is None:
         return None
+    if isinstance(mask, (str, Path)):
+        try:
+            with Image.open(mask) as im:
+                mask = im.convert("L")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read mask {mask}: {exc}") from exc
     arr = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask)
     if arr.ndim == 3:
         arr = arr[..., 0]
@@ -811,7 +818,7 @@ def make_locator(config: LocatorConfig | None = None) -> tuple[Locator, list[str
     raise InputError(f"unknown locator backend {backend!r}")
 
 
-def locate(image: ImageLike, drags: DragPoints, mask: np.ndarray | Image.Image | None = None,
+def locate(image: ImageLike, drags: DragPoints, mask: np.ndarray | Image.Image | str | Path | None = None,
            config: LocatorConfig | None = None, *, locator: Locator | None = None) -> LocatorResult:
     """Describe what lies under each handle (the agent's locator tool).
 
