@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from engine.loading import DEFAULT_MODEL
 from engine.request import GuidanceConfig
@@ -37,6 +37,7 @@ class AgentContext:
     locator: Literal["auto", "offline", "openai", "florence2", "osprey"] = "auto"
     reasoner: Literal["auto", "llm", "offline"] = "auto"
     llm: LLMSettings | None = None  # None: from the environment
+    chat_model: Any = None  # a LangChain chat model instance for the chat graph; overrides `llm` (tests, embedding)
     # critique
     max_attempts: int = 3
     accept_md_fraction: float = 0.5

@@ -6,6 +6,7 @@ the artifact store; the only heavy work is in `sample` and `critique` (both behi
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -96,22 +97,53 @@ def _given_intention(value: Any, caption: str) -> tuple[Intention, str | None]:
             "intention given without prompts: both prompts are the image description (no semantic guidance)")
 
 
+_STOP = {"a", "an", "the", "it", "its", "this", "that", "make", "please", "to", "of", "and", "me", "bit", "little"}
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP}
+
+
+def match_intention(text: str, intentions: list[Intention]) -> int | None:
+    """The proposal that covers most of the user's content words ("make it bigger" -> "make the red circle
+    bigger"), if it covers at least half of them; ties go to the more confident proposal (they come sorted)."""
+    want = _content_words(text)
+    if not want or not intentions:
+        return None
+    scores = [len(want & _content_words(i.intention)) / len(want) for i in intentions]
+    best = max(range(len(scores)), key=lambda k: scores[k])
+    return best if scores[best] >= 0.5 else None
+
+
 def reason_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
-    """Reasoner tool: K intentions with prompts and confidences; the first pick is drawn by confidence (Eq. 6)."""
+    """Reasoner tool: K intentions with prompts and confidences; the first pick is drawn by confidence (Eq. 6).
+
+    A user-given intention skips the choice: with prompts it is used as is; as bare text it is matched against the
+    reasoner's proposals (to borrow their prompts, i.e. semantic guidance), else used with the caption as both
+    prompts.
+    """
     ctx = runtime.context
     warnings = list(state.get("warnings", []))
-    if state.get("intention") is not None:
-        intention, note = _given_intention(state["intention"], state["caption"])
-        warnings += [note] if note else []
-        intentions = [intention]
-    else:
+    given = state.get("intention")
+    proposals: list[Intention] = []
+    if given is None or isinstance(given, str):
         result = reason(ReasonRequest(drags=state["drags"], located=state["located"], caption=state["caption"],
                                       k=ctx.k), ReasonerConfig(backend=ctx.reasoner, llm=ctx.llm))
-        intentions = result.intentions
+        proposals = result.intentions
         warnings += result.warnings
+    if given is None:
+        intentions = proposals
         if not intentions:
             raise InputError("the reasoner proposed no intention for this drag")
-    selected = select_intention(intentions, set(), ctx.selection, ctx.seed)
+        selected = select_intention(intentions, set(), ctx.selection, ctx.seed)
+    else:
+        k = match_intention(given, proposals) if isinstance(given, str) else None
+        if k is not None:
+            intention = proposals[k].model_copy(update={"intention": given.strip(), "confidence": 1.0})
+        else:
+            intention, note = _given_intention(given, state["caption"])
+            warnings += [note] if note else []
+        intentions, selected = [intention], 0
     listing = ", ".join(f"{i.intention} ({i.confidence:.2f})" for i in intentions)
     _emit(runtime, node="reason", message=f"intentions: {listing}")
     return {"intentions": intentions, "selected": selected, "warnings": warnings,
