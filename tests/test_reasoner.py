@@ -388,3 +388,23 @@ def test_no_key_means_offline_with_a_one_line_notice() -> None:
     assert len(result.warnings) == 1 and "OPENAI_API_KEY" in result.warnings[0]
     assert reason(_request(), ReasonerConfig(backend="offline")).warnings == []
     assert reason(_request(), ReasonerConfig(backend="llm")).backend == "offline"
+
+
+def test_shapesworld_two_drags_on_two_shapes_edit_both_in_one_caption() -> None:
+    scene = next(s for s in (render_scene(i, n_shapes=2) for i in range(50))
+                 if s.shapes[0].position != s.shapes[1].position
+                 and s.shapes[0].description() != s.shapes[1].description())
+    a, b = scene.shapes
+    ta = _empty_point(scene, a.centroid, min_dist=3)
+    tb = _empty_point(scene, b.centroid, min_dist=3)
+    drags = DragPoints.from_pairs([(a.centroid, ta), (b.centroid, tb)])
+    located = OfflineLocator().locate(scene.image, drags)
+    result = offline_reason(ReasonRequest(drags=drags, located=located, caption=scene.caption))
+    move = result.intentions[0]
+    assert move.intention.startswith("move the " + a.description().removeprefix("a "))
+    assert " and move the " + b.description().removeprefix("a ") in move.intention
+    parts = scene.caption.split(" and ")  # one part per shape, in scene order
+    expected = " and ".join(s.description(with_position=False) + " " + position_phrase(t[0], t[1], 64, 64)
+                            for s, t in ((a, ta), (b, tb)))
+    assert parts == [a.description(), b.description()]
+    assert move.source_prompt == scene.caption and move.target_prompt == expected

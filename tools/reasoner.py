@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 3
 OFFLINE_BACKEND = "offline"
 
+ShapeEdit = tuple[dict[str, str], dict[str, str]]
+"""A ShapesWorld caption edit: (attributes of the located shape, the words to change: {"size"/"position": ...})."""
+
 
 class ReasonRequest(BaseModel):
     """Everything the reasoner needs; all of it is plain data (images stay with the caller)."""
@@ -386,6 +389,8 @@ class _Candidate(BaseModel):
     intention: str
     source_prompt: str
     target_prompt: str
+    shape_edit: ShapeEdit | None = None
+    """ShapesWorld only: the caption edit behind the prompts, so edits of several drags can be combined."""
 
 
 def _generic_candidates(g: DragGeometry, desc: HandleDescription, caption: str) -> list[_Candidate]:
@@ -470,26 +475,32 @@ def edit_shapes_caption(caption: str, attrs: dict[str, str], *, size: str | None
     caption left them out), and the target differs only in the edited words, e.g. "a small red circle on the left"
     -> "a big red circle on the left".
     """
+    change = {k: v for k, v in (("size", size), ("position", position)) if v is not None}
+    return edit_shapes_caption_multi(caption, [(attrs, change)])
+
+
+def edit_shapes_caption_multi(caption: str, edits: Sequence[ShapeEdit]) -> tuple[str, str] | None:
+    """Like ``edit_shapes_caption`` for several shapes at once (one drag each); edits of the same shape combine."""
     pattern, world = _shapes_grammar()
-    parts = caption.strip().rstrip(".").split(world.CAPTION_JOINER)
-    parsed = [pattern.match(p.strip()) for p in parts]
+    parts = [p.strip() for p in caption.strip().rstrip(".").split(world.CAPTION_JOINER)]
+    parsed = [pattern.match(p) for p in parts]
     if not all(parsed):
         return None
-    matches = [i for i, m in enumerate(parsed) if m and m["shape"] == attrs["shape"] and m["colour"] == attrs["colour"]]
-    if not matches:
-        return None
-
-    def agreement(i: int) -> int:
-        m = parsed[i]
-        return (m["size"] == attrs["size"]) + (m["position"] == attrs["position"])  # type: ignore[index]
-
-    which = max(matches, key=agreement)
-    current = world.describe_shape(attrs["shape"], attrs["colour"], attrs["size"], attrs["position"])
-    edited = world.describe_shape(attrs["shape"], attrs["colour"], size or attrs["size"],
-                                  position or attrs["position"])
-    source_parts = [p.strip() for p in parts]
-    target_parts = list(source_parts)
-    source_parts[which], target_parts[which] = current, edited
+    source_parts, target_parts = list(parts), list(parts)
+    targets: dict[int, dict[str, str]] = {}
+    for attrs, change in edits:
+        matches = [i for i, m in enumerate(parsed) if m and m["shape"] == attrs["shape"]
+                   and m["colour"] == attrs["colour"]]
+        if not matches:
+            return None
+        # Two shapes of the same kind and colour: the caption phrase that agrees with the located one.
+        which = max(matches, key=lambda i: (parsed[i]["size"] == attrs["size"])  # type: ignore[index]
+                    + (parsed[i]["position"] == attrs["position"]))  # type: ignore[index]
+        source_parts[which] = world.describe_shape(attrs["shape"], attrs["colour"], attrs["size"], attrs["position"])
+        edited = targets.setdefault(which, dict(attrs))
+        edited.update(change)
+        target_parts[which] = world.describe_shape(edited["shape"], edited["colour"], edited["size"],
+                                                   edited["position"])
     return world.join_descriptions(source_parts), world.join_descriptions(target_parts)
 
 
@@ -543,34 +554,39 @@ def _shapes_candidates(g: DragGeometry, desc: HandleDescription, caption: str,
              "move+bigger": f"make {obj} bigger and move it {direction}",
              "move+smaller": f"make {obj} smaller and move it {direction}"}
     return [_Candidate(kind=kind, score=scores[kind], intention=texts[kind].strip(), source_prompt=prompts[kind][0],
-                       target_prompt=prompts[kind][1]) for kind in edits]
+                       target_prompt=prompts[kind][1], shape_edit=(dict(attrs), edits[kind])) for kind in edits]
 
 
 def offline_reason(request: ReasonRequest) -> ReasonerResult:
     """Rule-based intentions from the drag geometry relative to the located object.
 
-    With several drags, each drag proposes candidates and scores are averaged per kind of intention over drags
-    (weighted by drag length, since the long drag says more); prompts come from the longest drag of that kind.
+    With several drags, each drag proposes candidates; a kind of intention scores the length-weighted mean over
+    drags (a long drag says more than a short one), its text names every dragged object, and its prompts combine
+    every drag's edit on ShapesWorld (else they come from the longest drag).
     """
     geometries = request_geometry(request)
     by_index = {d.index: d for d in request.located.descriptions}
-    pooled: dict[str, tuple[float, _Candidate, float]] = {}
     total_length = sum(max(g.length, 1e-6) for g in geometries)
+    per_kind: dict[str, list[tuple[float, DragGeometry, _Candidate]]] = {}
     for g in geometries:
         desc = by_index.get(g.index) or HandleDescription(index=g.index, handle=g.handle,
                                                           description="the region around the handle")
         cands = _shapes_candidates(g, desc, request.caption, request.image_size)
         if cands is None:
             cands = _generic_candidates(g, desc, request.caption)
-        weight = max(g.length, 1e-6) / total_length
         for cand in cands:
-            score_sum, best, best_len = pooled.get(cand.kind, (0.0, cand, -1.0))
-            if g.length > best_len:
-                best, best_len = cand, g.length
-            pooled[cand.kind] = (score_sum + weight * cand.score, best, best_len)
-    candidates = [Intention(intention=best.intention, source_prompt=best.source_prompt,
-                            target_prompt=best.target_prompt, confidence=score)
-                  for score, best, _ in pooled.values()]
+            per_kind.setdefault(cand.kind, []).append((max(g.length, 1e-6) / total_length, g, cand))
+    candidates = []
+    for entries in per_kind.values():
+        score = sum(w * c.score for w, _, c in entries)
+        longest = max(entries, key=lambda e: e[1].length)[2]
+        prompts = (longest.source_prompt, longest.target_prompt)
+        if len(entries) > 1 and all(c.shape_edit is not None for _, _, c in entries):
+            combined = edit_shapes_caption_multi(request.caption, [c.shape_edit for _, _, c in entries])  # type: ignore[misc]
+            prompts = combined or prompts
+        texts = list(dict.fromkeys(c.intention for _, _, c in entries))  # distinct, in drag order
+        candidates.append(Intention(intention=" and ".join(texts), source_prompt=prompts[0],
+                                    target_prompt=prompts[1], confidence=score))
     # The rules' own duplicates (two readings that steer identically) are expected: no warnings for them.
     intentions, _ = clean_intentions(candidates, request.k)
     return ReasonerResult(intentions=intentions, backend=OFFLINE_BACKEND)
