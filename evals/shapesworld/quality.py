@@ -173,13 +173,21 @@ def evaluate(comps, docs_dir: Path | None = None, n_single: int = 96, n_mixed: i
     vae_rec = decode(comps, encode(comps, originals))
     noise = invert(comps, originals, prompts, invert_steps)
     regen = sample(comps, prompts, invert_steps, guidance=1.0, latents=noise)
+    def seg_rate(images: np.ndarray) -> float:
+        """Share of images whose segmentation matches the scene exactly (class, colour, cell, size word)."""
+        ok = [judge([(x.shape, x.colour, x.size_word, x.position) for x in sc.shapes], segment_objects(im), 64, 64)
+              for sc, im in zip(inv_scenes, images)]
+        return float(np.mean([v["size"] and not v["extra"] for v in ok]))
+
     result = {
         "sampling": {"steps": steps, "guidance": guidance, "position_slack": POSITION_SLACK,
                      "single_shape_captions": acc1, "mixed_captions_1_to_3_shapes": accm},
         "inversion": {"steps": invert_steps, "n": n_invert,
                       "vae_recon_psnr_db": float(np.mean([psnr(a, b) for a, b in zip(originals, vae_rec)])),
                       "ddim_inversion_recon_psnr_db": float(np.mean([psnr(a, b) for a, b in zip(originals, regen)])),
-                      "inverted_latent_std": float(noise.std())},
+                      "inverted_latent_std": float(noise.std()),
+                      "vae_recon_segmentation_exact_rate": seg_rate(vae_rec),
+                      "ddim_inversion_recon_segmentation_exact_rate": seg_rate(regen)},
         "heldout_seed_base": HELDOUT_SEED_BASE,
     }
     if docs_dir is not None:

@@ -1,0 +1,105 @@
+"""The shipped ShapesWorld model: standard SD folder layout, loads per component, samples the right shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evals.shapesworld import MODEL_DIR, world
+from evals.shapesworld.segment import segment_objects
+
+FOLDER = Path(os.environ.get("LUCIDDRAG_SHAPESWORLD_MODEL", MODEL_DIR))
+pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").exists(),
+                                reason=f"no trained ShapesWorld model at {FOLDER}")
+
+
+@pytest.fixture(scope="module")
+def comps():
+    from evals.shapesworld.train import load_components
+
+    torch.set_num_threads(2)
+    return load_components(FOLDER)
+
+
+def test_folder_layout_is_a_stable_diffusion_folder() -> None:
+    index = json.loads((FOLDER / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert name in index and (FOLDER / name).is_dir()
+    weights = [p.name for p in FOLDER.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".safetensors")]
+    assert weights and all(w.endswith(".safetensors") for w in weights)
+
+
+def test_components_and_architecture(comps) -> None:
+    from diffusers import DDIMScheduler
+    from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D
+
+    unet = comps.unet
+    for i in (1, 2):  # the engine hooks these blocks' outputs and their self-attention K/V
+        block = unet.up_blocks[i]
+        assert isinstance(block, CrossAttnUpBlock2D)
+        tb = block.attentions[0].transformer_blocks[0]
+        assert tb.attn1.is_cross_attention is False and tb.attn2.is_cross_attention is True
+    assert unet.config.cross_attention_dim == comps.text_encoder.config.hidden_size
+    assert isinstance(comps.scheduler, DDIMScheduler)
+    cfg = comps.scheduler.config
+    assert (cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type, cfg.steps_offset) == \
+        (1000, "scaled_linear", "epsilon", 1)
+    assert cfg.beta_start == pytest.approx(0.00085) and cfg.beta_end == pytest.approx(0.012)
+    assert not cfg.clip_sample and not cfg.set_alpha_to_one
+
+
+def test_tokenizer_is_word_level_and_consistent(comps) -> None:
+    tok, te = comps.tokenizer, comps.text_encoder
+    caption = world.render_scene(1).caption
+    ids = tok(caption, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+    words = caption.split()
+    assert len(ids) == tok.model_max_length
+    assert ids[0] == tok.bos_token_id and ids[len(words) + 1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids and ids[-1] == tok.pad_token_id
+    assert tok.convert_ids_to_tokens(ids[1:len(words) + 1]) == words
+    assert all(w in tok.get_vocab() for w in world.VOCABULARY)
+    assert (te.config.eos_token_id, te.config.bos_token_id, te.config.pad_token_id) == \
+        (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id)
+    assert te.config.max_position_embeddings >= tok.model_max_length
+
+
+def test_latents_have_about_unit_std(comps) -> None:
+    from evals.shapesworld.quality import encode
+
+    imgs = np.stack([world.render_scene(900_500_000 + i).array() for i in range(16)])
+    z = encode(comps, imgs)
+    assert z.shape == (16, 4, 16, 16)
+    assert 0.6 < float(z.std()) < 1.6
+
+
+@pytest.mark.slow  # ~1 s alone, but model loading + sampling exceed 5 s on a busy 2-core machine
+def test_four_step_sample_draws_the_prompted_shapes(comps) -> None:
+    from evals.shapesworld.quality import sample
+
+    prompts = [world.describe_shape(s, c, "big", "in the center")
+               for s, c in (("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "yellow"))]
+    imgs = sample(comps, prompts, steps=4, guidance=4.0, seed=0)
+    assert imgs.shape == (4, 64, 64, 3) and imgs.dtype == np.uint8
+    hits = 0
+    for p, img in zip(prompts, imgs):
+        _, colour, shape = p.split()[1:4]
+        objs = segment_objects(img)
+        hits += any(o.shape == shape and o.colour == colour for o in objs)
+    assert hits >= 3, f"only {hits}/4 four-step samples show the prompted shape"
+
+
+@pytest.mark.slow
+def test_loads_as_a_whole_stable_diffusion_pipeline() -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(FOLDER))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a big red circle in the center", num_inference_steps=3, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3)
