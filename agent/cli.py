@@ -62,48 +62,177 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _context(model, device, steps, seed, k, attempts, locator, reasoner, **kw):
+    from agent.context import AgentContext
+
+    ctx = AgentContext(steps=steps, seed=seed, k=k, max_attempts=attempts, locator=locator, reasoner=reasoner,
+                       show_progress=True, **kw)
+    if model:
+        ctx.model = model
+    if device:
+        ctx.device = device
+    return ctx
+
+
+def _run_agent(image, points, mask, prompt, intention, ctx, out: Path) -> dict:
+    """Run the drag-edit graph, printing its progress, and write the result, sheet and report."""
+    from agent.graph import build_graph
+    from agent.report import write_outputs
+    from engine.preprocess import open_image, to_rgb
+
+    inp = {"image": image, "points": points}
+    if mask is not None:
+        inp["mask"] = mask
+    if prompt:
+        inp["prompt"] = prompt
+    if intention is not None:
+        inp["intention"] = intention
+    state: dict = {}
+    for mode, chunk in build_graph().stream(inp, context=ctx, stream_mode=["updates", "custom", "values"]):
+        if mode == "custom" and "message" in chunk:
+            typer.echo(f"  [{chunk.get('node')}] {chunk['message']}")
+        elif mode == "values":
+            state = chunk
+    for w in state.get("warnings") or []:
+        typer.secho(f"  note: {w}", fg=typer.colors.YELLOW)
+    paths = write_outputs(out, to_rgb(open_image(image))[0], points, state)
+    verdict = "accepted" if state.get("accepted") else "NOT accepted (best attempt returned)"
+    typer.echo(f"{verdict}: {state['chosen'].intention}")
+    typer.echo(f"wrote {paths['result']}, {paths['sheet']}, {paths['report']}")
+    return state
+
+
 @app.command()
 def edit(
     image: Path = typer.Argument(..., help="Image to edit (PNG/JPEG/WebP/..., any size, any mode)."),
     drag: List[str] = typer.Option(..., "--drag", "-d", help="HX,HY:TX,TY in the image's pixels; repeat for several."),
     mask: Optional[Path] = typer.Option(None, help="Editable region (white = may change), same size as the image."),
-    source_prompt: str = typer.Option("", help="Describes the image as it is (inversion prompt)."),
-    target_prompt: str = typer.Option("", help="Describes the image as you want it (sampling prompt)."),
+    prompt: Optional[str] = typer.Option(None, help="What the image shows (else: captioned by the locator)."),
+    intention: Optional[str] = typer.Option(None, help="What you mean ('make the neck longer'); else reasoned."),
+    source_prompt: Optional[str] = typer.Option(None, help="Fix the intention: the image as it is ..."),
+    target_prompt: Optional[str] = typer.Option(None, help="... and as it should become (skips reasoning)."),
     model: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_MODEL", help="Hub id or local diffusers folder."),
-    steps: int = typer.Option(50, min=2, help="DDIM steps (the paper uses 50)."),
-    guidance_scale: float = typer.Option(5.0, help="Classifier-free guidance scale (the paper uses 5)."),
-    seed: int = typer.Option(0, help="Random seed."),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE", help="cpu, cuda, cuda:1 ... (default: auto)."),
-    out: Path = typer.Option(Path("edited.png"), "--out", "-o", help="Where to write the result."),
+    steps: int = typer.Option(50, min=2, help="DDIM steps (the paper uses 50)."),
+    seed: int = typer.Option(0, help="Random seed (sampling and intention choice)."),
+    k: int = typer.Option(3, min=1, max=8, help="How many intentions to reason."),
+    attempts: int = typer.Option(3, min=1, max=8, help="Attempt budget: intentions tried before giving up."),
+    locator: str = typer.Option("auto", help="auto | offline | openai | florence2 | osprey."),
+    reasoner: str = typer.Option("auto", help="auto | llm | offline (auto: LLM when OPENAI_API_KEY/BASE_URL set)."),
+    out: Path = typer.Option(Path("edited.png"), "--out", "-o", help="Result path; .sheet.png and .report.md beside."),
 ) -> None:
-    """Drag-edit IMAGE with explicit prompts; writes OUT and OUT's side-by-side sheet (input with arrows | result)."""
-    _quiet_libraries()
-    from engine.pipeline import DragEditor
-    from engine.request import EditRequest
-    from tools.drawing import draw_drags
-    from tools.sheet import contact_sheet
+    """Drag-edit IMAGE: locate what is dragged, reason what you mean, edit, check, retry with another reading.
 
-    pairs = [parse_drag(d) for d in drag]
+    Example: luciddrag edit horse.png --drag 210,120:260,90 --model stable-diffusion-v1-5/stable-diffusion-v1-5
+    """
+    _quiet_libraries()
+    points = [p for d in drag for p in parse_drag(d)]
+    given = intention
+    if source_prompt is not None or target_prompt is not None:
+        if not (source_prompt and target_prompt):
+            _fail("give both --source-prompt and --target-prompt (or neither, to let the agent reason them)")
+        given = {"intention": intention or "edit with the given prompts", "source_prompt": source_prompt,
+                 "target_prompt": target_prompt}
     try:
-        req = EditRequest.create(image=image, points=[p for pair in pairs for p in pair], mask=mask,
-                                 source_prompt=source_prompt, target_prompt=target_prompt, steps=steps,
-                                 guidance_scale=guidance_scale, seed=seed)
-        editor = DragEditor.from_pretrained(model, device=device)
-        result = editor.edit(req)
+        ctx = _context(model, device, steps, seed, k, attempts, locator, reasoner)
+        _run_agent(image, points, mask, prompt, given, ctx, out)
     except LucidDragError as exc:
         _fail(str(exc))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
-    from engine.preprocess import open_image, to_rgb
 
-    original = to_rgb(open_image(image))[0]
-    sheet = contact_sheet([("input + drags", draw_drags(original, pairs)), (f"result: {target_prompt or '(no prompt)'}",
-                                                                            result.image)])
-    side = out.with_name(out.stem + ".side.png")
-    sheet.save(side)
-    s = result.stats
-    typer.echo(f"wrote {out} and {side}  ({s['total_s']:.1f} s, {s['unet_forward']} UNet forwards, "
-               f"{s['unet_backward']} backwards, working size {s['working_size'][0]}x{s['working_size'][1]})")
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the input, result, sheet and report."),
+    scene: int = typer.Option(7, help="Which bundled ShapesWorld scene (seed)."),
+    steps: int = typer.Option(50, min=2, help="DDIM steps."),
+) -> None:
+    """Offline demo of the full agent loop on ShapesWorld: CPU, no key, no downloads, well under a minute.
+
+    Drags the first shape of a ShapesWorld scene sideways; the offline locator names it, the offline reasoner proposes
+    intentions (move / resize) with prompts the shipped model understands, the engine edits, the critic checks where
+    the shape landed and retries another intention if it missed.
+    """
+    _quiet_libraries()
+    from evals.shapesworld import MODEL_DIR
+    from evals.shapesworld.world import render_scene
+
+    sc = render_scene(scene, n_shapes=1)
+    sh = sc.shapes[0]
+    cx, cy = sh.centroid
+    dx = 16 if cx < 32 else -16
+    points = [(round(cx), round(cy)), (round(cx) + dx, round(cy))]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / "input.png"
+    sc.image.save(src)
+    typer.echo(f"scene: {sc.caption!r}; dragging {points[0]} -> {points[1]}")
+    try:
+        ctx = _context(str(MODEL_DIR), "cpu", steps, 0, 3, 3, "offline", "offline", **_shapes_critic())
+        _run_agent(src, points, None, sc.caption, None, ctx, out_dir / "result.png")
+    except LucidDragError as exc:
+        _fail(str(exc))
+
+
+def _shapes_critic() -> dict:
+    """Critic settings calibrated for the ShapesWorld model (see docs/shapesworld/critic.json when present)."""
+    import json as _json
+
+    from evals.shapesworld import MODEL_DIR
+
+    path = MODEL_DIR / "critic.json"
+    return _json.loads(path.read_text()) if path.exists() else {}
+
+
+@app.command()
+def chat(
+    image: Optional[Path] = typer.Option(None, help="Image to start the conversation with."),
+    thread: str = typer.Option("default", help="Conversation thread id (kept across runs)."),
+    db: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DB", help="sqlite path or postgresql:// URL."),
+    model: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_MODEL", help="Hub id or local diffusers folder."),
+    device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE", help="cpu / cuda (default: auto)."),
+    steps: int = typer.Option(50, min=2, help="DDIM steps."),
+) -> None:
+    """Talk to the editor: 'drag 120,80 to 160,60', 'show me the options first', 'try your second idea', 'undo'.
+
+    Without an LLM (no OPENAI_API_KEY / OPENAI_BASE_URL) a small command grammar keeps it usable offline.
+    Results are written to files and their paths printed; the thread is saved and resumes next time.
+    """
+    _quiet_libraries()
+    from langgraph.types import Command
+
+    from agent.chat import build_chat_graph
+    from agent.persistence import make_checkpointer
+    from tools.llm import LLMSettings
+
+    try:
+        ctx = _context(model, device, steps, 0, 3, 3, "auto", "auto")
+        g = build_chat_graph(checkpointer=make_checkpointer(db))
+    except LucidDragError as exc:
+        _fail(str(exc))
+    cfg = {"configurable": {"thread_id": thread}}
+    if not LLMSettings.from_env().configured:
+        typer.secho("offline: no LLM configured; using the command grammar (type 'help').", fg=typer.colors.YELLOW)
+    first = {"image": str(image)} if image else {}
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if text in ("quit", "exit"):
+            break
+        if not text:
+            continue
+        try:
+            out = g.invoke({"messages": [("user", text)], **first}, cfg, context=ctx)
+            first = {}
+            while out.get("__interrupt__"):
+                opts = out["__interrupt__"][0].value["intentions"]
+                for o in opts:
+                    typer.echo(f"  {o['index']}) {o['intention']}  ({o['confidence']:.2f})")
+                choice = input("pick a number (or describe what you meant)> ").strip() or "1"
+                out = g.invoke(Command(resume=choice), cfg, context=ctx)
+            typer.echo(f"luciddrag> {out['messages'][-1].content}")
+        except LucidDragError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
 
 
 @bench_app.command("engine")
