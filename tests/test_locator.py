@@ -150,6 +150,11 @@ def test_factory_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL")
     with pytest.raises(InputError, match="OPENAI_API_KEY"):
         make_locator(LocatorConfig(backend="openai"))
+    # Heavy backends are built once per configuration (weights load lazily, on first use).
+    florence = make_locator(LocatorConfig(backend="florence2", use_sam=True))[0]
+    assert isinstance(florence, Florence2Locator) and florence.sam is not None and florence._model is None
+    assert make_locator(LocatorConfig(backend="florence2", use_sam=True))[0] is florence
+    assert make_locator(LocatorConfig(backend="florence2"))[0] is not florence
 
 
 def test_describe_image_order_of_sources() -> None:
@@ -419,3 +424,33 @@ def test_crop_window_and_zoomed_crop_stay_inside() -> None:
     assert crop_window((10, 10), 100, 64, 48) == (0, 0, 48, 48)
     crop, box = zoomed_crop(Image.new("RGB", (64, 48)), (60, 40), 1, fraction=0.5, out_side=200)
     assert box == (40, 24, 64, 48) and crop.size == (200, 200)
+
+
+def test_sam_point_segmenter_runs_on_a_tiny_random_sam() -> None:
+    """The real SamModel/SamProcessor code path (nesting of input_points, mask post-processing, best-IoU pick) on a
+    randomly initialised miniature SAM: no weights needed, shapes and types must come out right."""
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.configuration_sam import (
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    from tools.locator import SamPointSegmenter
+
+    vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=1, num_attention_heads=1,
+                             mlp_dim=64, global_attn_indexes=[0], window_size=4, image_size=256, patch_size=16,
+                             num_pos_feats=16)
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=256, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=1,
+                                   iou_head_hidden_dim=32)
+    torch.manual_seed(0)
+    model = SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                               mask_decoder_config=decoder.to_dict())).eval()
+    processor = SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 256},
+                                                                  pad_size={"height": 256, "width": 256}))
+    segmenter = SamPointSegmenter()
+    segmenter._model, segmenter._processor = model, processor
+    mask = segmenter.mask(Image.new("RGB", (96, 64), "white"), (30, 20))
+    assert mask.shape == (64, 96) and mask.dtype == bool

@@ -32,6 +32,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -86,7 +87,9 @@ class LocatorConfig(BaseModel):
     osprey_url: str | None = None
     """Base URL of an Osprey server (docs/osprey-server.md); None reads ``LUCIDDRAG_OSPREY_URL``."""
     timeout_s: float = Field(default=60.0, gt=0)
+    """Per request to the Osprey server (the openai backend takes its timeout from ``llm``)."""
     max_retries: int = Field(default=3, ge=0, le=10)
+    """Retries of the Osprey client on 429 / 5xx / connection errors."""
 
 
 @runtime_checkable
@@ -786,6 +789,16 @@ def _decode_contract_mask(mask: dict[str, Any], width: int, height: int) -> np.n
 # ------------------------------------------------------------------------------------------------ factory, entry
 
 
+@lru_cache(maxsize=2)
+def _florence_locator(model_id: str, device: str, box_fraction: float, sam_model: str | None,
+                      local_files_only: bool | None) -> Florence2Locator:
+    """One Florence-2 (+ SAM) instance per configuration: ``locate()`` is called once per edit, and reloading the
+    weights every time would cost seconds each."""
+    sam = SamPointSegmenter(sam_model, device, local_files_only) if sam_model else None
+    return Florence2Locator(model_id, device=device, box_fraction=box_fraction, sam=sam,
+                            local_files_only=local_files_only)
+
+
 def make_locator(config: LocatorConfig | None = None) -> tuple[Locator, list[str]]:
     """The configured locator and any notices about the choice (e.g. why ``auto`` chose offline)."""
     config = config or LocatorConfig()
@@ -806,9 +819,8 @@ def make_locator(config: LocatorConfig | None = None) -> tuple[Locator, list[str
                                    crop_fraction=config.crop_fraction,
                                    min_display_side=config.min_display_side), notices
     if backend == "florence2":
-        sam = SamPointSegmenter(config.sam_model, config.device, config.local_files_only) if config.use_sam else None
-        return Florence2Locator(config.florence_model, device=config.device, box_fraction=config.box_fraction,
-                                sam=sam, local_files_only=config.local_files_only), notices
+        return _florence_locator(config.florence_model, config.device, config.box_fraction,
+                                 config.sam_model if config.use_sam else None, config.local_files_only), notices
     if backend == "osprey":
         url = config.osprey_url or os.environ.get("LUCIDDRAG_OSPREY_URL")
         if not url:
