@@ -20,7 +20,7 @@ DOCS_DIR = Path(__file__).resolve().parents[2] / "docs" / "shapesworld"
 @app.command("shapesworld")
 def shapesworld(
     out: Path = typer.Option(MODEL_DIR, help="Model folder to write (diffusers SD layout)."),
-    minutes: float = typer.Option(40.0, min=0.1, help="Training wall-clock budget (VAE + UNet), in minutes."),
+    minutes: float = typer.Option(44.0, min=0.1, help="Training wall-clock budget (VAE + UNet), in minutes."),
     seed: int = typer.Option(0, min=0, max=89, help="Seed for data, initialisation and noise."),
     resume: bool = typer.Option(False, help="Continue from the state in --work-dir instead of starting over."),
     work_dir: Path | None = typer.Option(None, help="Where resumable state lives (default: a temp folder)."),

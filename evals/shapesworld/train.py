@@ -44,8 +44,8 @@ class TrainConfig:
     out: Path
     work_dir: Path
     seed: int = 0
-    minutes: float = 40.0  # total wall-clock budget, data rendering and evaluation excluded
-    vae_fraction: float = 0.22  # share of the budget for the VAE
+    minutes: float = 44.0  # total wall-clock budget of VAE + UNet training (rendering, encoding, eval excluded)
+    vae_fraction: float = 0.3  # share of the budget for the VAE (it limits how crisp small shapes can be)
     n_scenes: int = 24_000
     batch_size: int = 32
     vae_lr: float = 1e-3
@@ -261,9 +261,11 @@ def train_vae(cfg: TrainConfig, data: SceneSet, budget_s: float, state_path: Pat
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
-        if st.get("done"):
+        if st.get("done") and elapsed >= budget_s:
             log["vae"] = st["log"]
             return vae.eval()
+        # A finished phase resumed with a larger budget trains on (the time-based cosine schedule picks up at
+        # elapsed / new budget, i.e. a warm restart at a moderate learning rate).
     n = len(data.images)
     vae.train()
     t0, last_ckpt = time.time() - elapsed, time.time()
@@ -332,6 +334,8 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
         gen.set_state(st["gen"])
         cap_rng.bit_generator.state = st["cap_rng"]
         step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
+        if st.get("done") and elapsed >= budget_s:
+            budget_s = elapsed  # nothing left to train; fall through to the EMA weights
 
     def state(done: bool = False) -> dict:
         return {"unet": unet.state_dict(), "te": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
@@ -440,11 +444,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     t = time.time()
     lat_path = cfg.work_dir / "latents.pt"
-    if lat_path.exists():
-        latents = torch.load(lat_path)
+    cached = torch.load(lat_path) if lat_path.exists() else None
+    if isinstance(cached, dict) and cached.get("vae_steps") == log["vae"]["steps"]:
+        latents = cached["latents"]
     else:
         latents = encode_latents(vae, data.images)
-        atomic_save(latents, lat_path)
+        atomic_save({"latents": latents, "vae_steps": log["vae"]["steps"]}, lat_path)
+        if unet_state.exists():  # trained on other latents: useless now
+            print("[shapesworld] VAE changed: discarding the UNet state", flush=True)
+            unet_state.unlink()
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
