@@ -125,3 +125,15 @@ def test_connected_components_and_unknown_shapes() -> None:
     bar = np.zeros((20, 20), bool)
     bar[8:11, 2:18] = True
     assert classify_shape(bar) == "unknown"
+
+
+def test_off_hue_rim_stays_part_of_its_shape() -> None:
+    bg = np.full((64, 64, 3), 225, np.float32)
+    spec = world.ShapeSpec("square", "green", 14, 30, 30)
+    img = np.asarray(world.compose(bg, [spec])).copy()
+    inner = world.rasterize(spec, 64, 64)
+    rim = world.dilate(inner, 1) & ~inner
+    img[rim] = (45, 150, 110)  # teal edge, hue ~155 deg, as the VAE draws around green shapes
+    objs = segment_objects(img)
+    assert [(o.shape, o.colour) for o in objs] == [("square", "green")]
+    assert objs[0].area == int((inner | rim).sum())

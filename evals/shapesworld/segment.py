@@ -4,7 +4,7 @@ Objects are the saturated pixels: ShapesWorld backgrounds are pastel (HSV satura
 colour has saturation >= 0.74, so a threshold halfway between separates them, also on the model's blurry output
 (an edge pixel half shape, half background lands near the threshold, so the mask boundary sits at the 50% contour
 and centroids stay unbiased). Connected components of that mask are objects; a component mixing two palette colours
-(two shapes touching, or a shape with an off-colour ghost stuck to it) is split by colour.
+(two shapes touching, or a shape with a solid off-colour ghost stuck to it) is split by colour.
 
 Colour is named by hue, not RGB distance: hue survives the brightness/tint changes diffusion introduces, and a hue
 between palette entries (an orange leftover of a red circle) comes out "unknown" instead of being forced onto a
@@ -20,13 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from evals.shapesworld.world import COLOURS, ShapeSpec, rasterize
+from evals.shapesworld.world import COLOURS, ShapeSpec, dilate, erode, rasterize
 
 SAT_THRESHOLD = 0.45  # HSV saturation: background <= 0.22, palette >= 0.74
 MIN_VALUE = 0.16  # below this brightness, hue/saturation are noise
 MIN_OBJECT_FRACTION = 0.002  # components smaller than this fraction of the image are specks, not objects
-HUE_TOLERANCE_DEG = 15.0  # a hue further than this from every palette hue is "unknown" (orange, 16-36 deg, is)
-SPLIT_MINORITY_FRACTION = 0.2  # split a component by colour when a second colour holds this share of it
+# How far (degrees) a hue may be from a palette hue and still take its name. Narrow for red and yellow so orange
+# (16-36 deg, what a red/yellow mix or a drifting red turns into) is "unknown"; wide elsewhere because the VAE
+# drifts purple towards blue and green towards teal by ~20 degrees on small shapes.
+HUE_TOLERANCE_DEG: dict[str, float] = {"red": 15.0, "yellow": 15.0, "green": 25.0, "blue": 25.0, "purple": 25.0}
 
 PALETTE_HUES: dict[str, float] = {
     name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in COLOURS.items()
@@ -105,7 +107,7 @@ def hue_distance(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
 def colour_of_hue(hue: float) -> str:
     """Nearest palette colour name by hue, or 'unknown' if none is within HUE_TOLERANCE_DEG."""
     name, dist = min(((n, float(hue_distance(hue, h))) for n, h in PALETTE_HUES.items()), key=lambda t: t[1])
-    return name if dist <= HUE_TOLERANCE_DEG else "unknown"
+    return name if dist <= HUE_TOLERANCE_DEG[name] else "unknown"
 
 
 def pixel_colour_labels(hue: np.ndarray) -> np.ndarray:
@@ -113,7 +115,8 @@ def pixel_colour_labels(hue: np.ndarray) -> np.ndarray:
     names = list(PALETTE_HUES)
     dists = np.stack([hue_distance(hue, PALETTE_HUES[n]) for n in names], axis=-1)
     idx = dists.argmin(-1)
-    return np.where(dists.min(-1) <= HUE_TOLERANCE_DEG, idx, len(names))
+    tol = np.array([HUE_TOLERANCE_DEG[n] for n in names])[idx]
+    return np.where(dists.min(-1) <= tol, idx, len(names))
 
 
 def mean_hue(hue: np.ndarray, weight: np.ndarray) -> float:
@@ -247,20 +250,45 @@ def _make_object(mask: np.ndarray, hue: np.ndarray, sat: np.ndarray) -> SegObjec
     return SegObject(classify_shape(mask), colour, mask, centroid_of(mask), int(mask.sum()), bbox_of(mask))
 
 
-def _split_by_colour(component: np.ndarray, colour_labels: np.ndarray, min_area: int) -> list[np.ndarray]:
-    """Split a component into per-colour parts when a second colour holds a real share of it."""
-    labels = colour_labels[component]
-    counts = np.bincount(labels, minlength=len(PALETTE_HUES) + 1)
-    order = np.argsort(counts)[::-1]
-    if counts[order[1]] < max(min_area, SPLIT_MINORITY_FRACTION * component.sum()):
-        return [component]
-    parts: list[np.ndarray] = []
-    for lab in order:
-        if counts[lab] < min_area:
+def _solid_parts(region: np.ndarray, min_area: int) -> list[np.ndarray]:
+    """Connected parts of ``region`` that keep at least ``min_area`` pixels after a 1 px erosion: real blobs, not
+    the thin off-hue rims the VAE draws around shapes (e.g. teal edges on green)."""
+    sub, n = connected_components(region)
+    parts = [sub == i for i in range(1, n + 1)]
+    return [p for p in parts if p.sum() >= min_area and erode(p, 1).sum() >= min_area]
+
+
+def _grow_into(component: np.ndarray, seeds: list[np.ndarray]) -> list[np.ndarray]:
+    """Give every pixel of ``component`` to the seed that reaches it first by 8-connected growth inside it."""
+    owner = np.full(component.shape, -1, dtype=np.int32)
+    for i, seed in enumerate(seeds):
+        owner[seed & (owner < 0)] = i
+    while True:
+        todo = component & (owner < 0)
+        if not todo.any():
             break
-        sub, n = connected_components(component & (colour_labels == lab))
-        parts.extend(sub == i for i in range(1, n + 1) if (sub == i).sum() >= min_area)
-    return parts or [component]
+        changed = False
+        for i in range(len(seeds)):
+            grab = dilate(owner == i, 1) & todo
+            if grab.any():
+                owner[grab] = i
+                todo &= ~grab
+                changed = True
+        if not changed:
+            break
+    return [owner == i for i in range(len(seeds))]
+
+
+def _split_by_colour(component: np.ndarray, colour_labels: np.ndarray, min_area: int) -> list[np.ndarray]:
+    """Split a component into per-colour objects when it holds two or more solid single-colour parts (shapes that
+    touch, a shape with a solid off-colour leftover stuck to it). Rims and specks of other hues join the part they
+    touch, so a shape with a blurry off-hue edge stays one object."""
+    seeds: list[np.ndarray] = []
+    for lab in np.unique(colour_labels[component]):
+        seeds.extend(_solid_parts(component & (colour_labels == lab), min_area))
+    if len(seeds) < 2:
+        return [component]
+    return _grow_into(component, seeds)
 
 
 def segment_objects(image: np.ndarray | Image.Image, min_fraction: float = MIN_OBJECT_FRACTION) -> list[SegObject]:
