@@ -78,20 +78,20 @@ def test_latents_have_about_unit_std(comps) -> None:
     assert 0.6 < float(z.std()) < 1.6
 
 
-@pytest.mark.slow  # ~1 s alone, but model loading + sampling exceed 5 s on a busy 2-core machine
-def test_four_step_sample_draws_the_prompted_shapes(comps) -> None:
+def test_few_step_samples_draw_the_prompted_shapes(comps) -> None:
+    """4 DDIM steps must give images; 8 steps must give the prompted class and colour (measured: 89% over all
+    15 class/colour pairs and 3 seeds at 8 steps, 69% at 4 steps, 91% at 20 steps, for "a big ... in the center")."""
     from evals.shapesworld.quality import sample
 
-    prompts = [world.describe_shape(s, c, "big", "in the center")
-               for s, c in (("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "yellow"))]
-    imgs = sample(comps, prompts, steps=4, guidance=4.0, seed=0)
-    assert imgs.shape == (4, 64, 64, 3) and imgs.dtype == np.uint8
-    hits = 0
-    for p, img in zip(prompts, imgs):
-        _, colour, shape = p.split()[1:4]
-        objs = segment_objects(img)
-        hits += any(o.shape == shape and o.colour == colour for o in objs)
-    assert hits >= 3, f"only {hits}/4 four-step samples show the prompted shape"
+    pairs = (("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "yellow"),
+             ("square", "purple"), ("triangle", "red"))
+    prompts = [world.describe_shape(s, c, "big", "in the center") for s, c in pairs]
+    quick = sample(comps, prompts[:2], steps=4, guidance=4.0, seed=0)
+    assert quick.shape == (2, 64, 64, 3) and quick.dtype == np.uint8
+    assert all(segment_objects(img) for img in quick)  # something saturated was drawn
+    imgs = sample(comps, prompts, steps=8, guidance=4.0, seed=0)
+    hits = sum(any(o.shape == s and o.colour == c for o in segment_objects(img)) for (s, c), img in zip(pairs, imgs))
+    assert hits >= 5, f"only {hits}/6 eight-step samples show the prompted shape"
 
 
 @pytest.mark.slow

@@ -26,12 +26,13 @@ def shapesworld(
     work_dir: Path | None = typer.Option(None, help="Where resumable state lives (default: a temp folder)."),
     docs: Path = typer.Option(DOCS_DIR, help="Where loss curves, sample grid and training record go."),
     scenes: int = typer.Option(24_000, min=100, help="Number of training scenes to render."),
+    vae_minutes: float | None = typer.Option(None, min=0.0, help="VAE budget in minutes (default: 30% of --minutes)."),
 ) -> None:
     """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
     from evals.shapesworld.train import TrainConfig, default_work_dir, train
 
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
-                      n_scenes=scenes, docs_dir=docs)
+                      n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes)
     train(cfg, resume=resume)
 
 

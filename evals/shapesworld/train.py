@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     minutes: float = 44.0  # total wall-clock budget of VAE + UNet training (rendering, encoding, eval excluded)
     vae_fraction: float = 0.3  # share of the budget for the VAE (it limits how crisp small shapes can be)
+    vae_minutes: float | None = None  # fixed VAE budget instead of the fraction (e.g. to resume only the UNet)
     n_scenes: int = 24_000
     batch_size: int = 32
     vae_lr: float = 1e-3
@@ -432,15 +433,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             p.unlink(missing_ok=True)
     wall0 = time.time()
     budget_s = cfg.minutes * 60
-    print(f"[shapesworld] budget {cfg.minutes:.1f} min: VAE {cfg.vae_fraction * cfg.minutes:.1f} min, "
-          f"UNet {(1 - cfg.vae_fraction) * cfg.minutes:.1f} min; {cfg.n_scenes} scenes; seed {cfg.seed}", flush=True)
+    vae_budget = cfg.vae_minutes * 60 if cfg.vae_minutes is not None else budget_s * cfg.vae_fraction
+    unet_budget = budget_s - vae_budget
+    print(f"[shapesworld] budget {cfg.minutes:.1f} min: VAE {vae_budget / 60:.1f} min, "
+          f"UNet {unet_budget / 60:.1f} min; {cfg.n_scenes} scenes; seed {cfg.seed}", flush=True)
 
     t = time.time()
     seeds = range(cfg.seed * TRAIN_SEED_STRIDE, cfg.seed * TRAIN_SEED_STRIDE + cfg.n_scenes)
     data = render_scene_set(seeds)
     render_s = time.time() - t
     log: dict = {}
-    vae = train_vae(cfg, data, budget_s * cfg.vae_fraction, vae_state, log)
+    vae = train_vae(cfg, data, vae_budget, vae_state, log)
 
     t = time.time()
     lat_path = cfg.work_dir / "latents.pt"
@@ -459,7 +462,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     encode_s = time.time() - t
 
     tokenizer = build_tokenizer()
-    unet_budget = budget_s * (1 - cfg.vae_fraction)
     text_encoder, unet = train_unet(cfg, data, latents, tokenizer, unet_budget, unet_state, log)
     save_model(cfg.out, tokenizer, text_encoder, vae, unet)
     train_s = log["vae"]["seconds"] + log["unet"]["seconds"]
