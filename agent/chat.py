@@ -55,18 +55,23 @@ def _chat_model(ctx: AgentContext):
     return make_chat_model(settings)
 
 
-def _system_prompt(state: ChatState) -> str:
-    from prompts import load_template
-
+def chat_prompt_variables(state: ChatState) -> dict[str, str]:
+    """What the chat system template is rendered with: the image and the last edit, as short text."""
     img = state.get("image")
     last = state.get("last") or {}
     its = last.get("intentions") or []
-    return load_template("chat_system").render(
-        image_size=f"{img.width}x{img.height}" if isinstance(img, ImageRef) else "no image yet",
-        image_state=img.path if isinstance(img, ImageRef) else "none",
-        last_points=json.dumps(last.get("points")) if last.get("points") else "none",
-        last_intentions="; ".join(f"{k + 1}) {i.intention}" for k, i in enumerate(its)) or "none",
-    ).messages[0].content
+    return {
+        "image_size": f"{img.width}x{img.height}" if isinstance(img, ImageRef) else "no image yet",
+        "image_state": img.path if isinstance(img, ImageRef) else "none",
+        "last_points": json.dumps(last.get("points")) if last.get("points") else "none",
+        "last_intentions": "; ".join(f"{k + 1}) {i.intention}" for k, i in enumerate(its)) or "none",
+    }
+
+
+def _system_prompt(state: ChatState) -> str:
+    from prompts import load_template
+
+    return load_template("chat_system").render(**chat_prompt_variables(state)).messages[0].content
 
 
 def understand(state: ChatState, runtime: Runtime[AgentContext]) -> dict:

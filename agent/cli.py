@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that print numbers (speed, memory).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(help="Evaluations: the ShapesWorld drag benchmark (exact scores).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 
 def _fail(message: str) -> None:
@@ -264,16 +266,76 @@ def bench_engine(
         json_out.write_text(text)
 
 
+@eval_app.command("shapes")
+def eval_shapes(
+    tasks: int = typer.Option(100, min=1, help="Tasks per family (move, resize); the default suite has 100 each."),
+    seed: Optional[int] = typer.Option(None, help="Seed base of the suite (default: the fixed held-out seed)."),
+    configs: str = typer.Option("reconstruct,editing,editing+semantic", help="Comma-separated ablation rows."),
+    families: str = typer.Option("move,resize", help="Task families to run."),
+    steps: int = typer.Option(50, min=2, help="DDIM steps."),
+    mask: bool = typer.Option(True, help="Give the engine the task's editable mask (else: automatic mask)."),
+    model: Optional[str] = typer.Option(None, help="Model folder (default: the shipped ShapesWorld model)."),
+    w_edit: Optional[float] = typer.Option(None, help="Override the drag-energy weight."),
+    w_content: Optional[float] = typer.Option(None, help="Override the content-energy weight."),
+    w_inpaint: Optional[float] = typer.Option(None, help="Override the inpaint-energy weight."),
+    edit_steps: Optional[int] = typer.Option(None, help="Override n1, the number of guided steps."),
+    init_copy: Optional[bool] = typer.Option(None, help="Override the z_T handle-patch copy."),
+    kv: Optional[bool] = typer.Option(None, help="Override K/V injection."),
+    out: Optional[Path] = typer.Option(None, "--json", help="Folder for shapes_eval.json/.md and a contact sheet."),
+) -> None:
+    """Run the engine over the ShapesWorld drag suite and print exact scores per family and configuration."""
+    _quiet_libraries()
+    from engine.pipeline import DragEditor
+    from engine.request import GuidanceConfig
+    from evals.shapesworld import MODEL_DIR
+    from evals.shapesworld.drag_eval import evaluate
+
+    over = {k: v for k, v in dict(w_edit=w_edit, w_content=w_content, w_inpaint=w_inpaint, edit_steps=edit_steps,
+                                  init_copy=init_copy, kv_injection=kv).items() if v is not None}
+    try:
+        editor = DragEditor.from_pretrained(model or str(MODEL_DIR), device="cpu", show_progress=False)
+        evaluate(editor, tasks, seed, [c.strip() for c in configs.split(",") if c.strip()], steps,
+                 GuidanceConfig(**over), mask, out, families=[f.strip() for f in families.split(",")],
+                 log=typer.echo)
+    except LucidDragError as exc:
+        _fail(str(exc))
+
+
 def _mount_optional() -> None:
-    """Sub-apps owned by other modules; mounted here so `luciddrag --help` lists them all."""
+    """Commands owned by other modules, mounted here so `luciddrag --help` lists them all.
+
+    Each owner exposes a typer app; a missing module (a partial checkout) just leaves its command out.
+    """
+    import importlib
+
     from evals.shapesworld.cli import app as shapes_train_app
 
     app.add_typer(shapes_train_app, name="train")
+    mounts = [
+        ("prompts.cli", "app", app, "prompts"),               # prompt templates: list, render, diff
+        ("engine.discriminator_cli", "app", app, "discriminator"),  # quality discriminator: synthesize, eval, ...
+        ("engine.discriminator_cli", "train_command", app, "train-discriminator"),
+        ("evals.dragbench.cli", "app", eval_app, "dragbench"),  # DragBench / Drag100 protocol
+        ("evals.agent.cli", "app", eval_app, "agent"),          # offline agent evals with cassettes
+    ]
+    for module, attr, parent, name in mounts:
+        try:
+            sub = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue  # that part is not in this checkout
+            raise
+        if isinstance(sub, typer.Typer):
+            parent.add_typer(sub, name=name)
+        else:  # a single command function
+            parent.command(name)(sub)
     try:
-        from prompts.cli import app as prompts_app
-    except ImportError:  # prompts CLI not present in this checkout
-        return
-    app.add_typer(prompts_app, name="prompts")
+        from agent.web import web_command
+    except ModuleNotFoundError as exc:
+        if not (exc.name and "agent.web".startswith(exc.name)):
+            raise
+    else:
+        app.command("web")(web_command)
 
 
 _mount_optional()

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from agent.chat import chat_prompt_variables
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -36,6 +38,7 @@ CODE_VARIABLES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "locate_region": lambda t: locator_variables((64, 64), (512, 512), DragPoints.from_flat([[10, 20], [30, 5]])),
     "caption_image": lambda t: caption_variables((64, 48)),
     "repair_answer": lambda t: repair_variables("1 validation error", "{not json"),
+    "chat_system": lambda t: chat_prompt_variables({"messages": []}),
 }
 INTENTION_REASONER_TEMPLATES = {"reason_intentions", "locate_region", "caption_image", "repair_answer"}
 
