@@ -22,3 +22,7 @@ class ModelLoadError(LucidDragError, OSError):
 
 class ResourceError(LucidDragError, RuntimeError):
     """The machine ran out of something (memory); the message says what to lower."""
+
+
+class BaseMismatchError(ModelLoadError):
+    """A trained add-on (the fidelity discriminator) belongs to a different base model than the one loaded."""

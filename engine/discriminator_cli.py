@@ -1,0 +1,205 @@
+"""CLI of the fidelity discriminator, mounted by agent/cli.py:
+
+- ``luciddrag discriminator synthesize``: training data (simulated drags, editing guidance only, scored);
+- ``luciddrag discriminator eval``: held-out accuracy / ROC-AUC per timestep bucket of a trained discriminator;
+- ``luciddrag discriminator info``: a discriminator's config (base, threshold, recommended guidance);
+- ``luciddrag train-discriminator``: training (`train_command`, a plain function mounted as one command).
+
+Worlds with exact ground truth plug in by name (``--world shapesworld``): the module named in ``WORLDS`` provides
+``make(n, seed_base) -> (items, scorer, name)``; the engine itself never imports the evals package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from engine.errors import InputError, LucidDragError
+
+app = typer.Typer(help="Quality discriminator: synthesise training data, evaluate, inspect.", no_args_is_help=True)
+
+WORLDS = {"shapesworld": "evals.shapesworld.discriminator_data"}
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _world(name: str, n: int, seed_base: Optional[int]):
+    if name not in WORLDS:
+        raise InputError(f"unknown world {name!r}: one of {', '.join(WORLDS)}")
+    mod = importlib.import_module(WORLDS[name])
+    return mod.make(n) if seed_base is None else mod.make(n, seed_base)
+
+
+@app.command("synthesize")
+def synthesize_command(
+    out: Path = typer.Option(..., help="Data folder to write (resumed when it exists)."),
+    base: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_MODEL", help="Base model (hub id or folder)."),
+    images: Optional[Path] = typer.Option(None, help="Folder of real images with captions (<name>.txt or captions.json)."),
+    world: Optional[str] = typer.Option(None, help="Synthetic world with an exact scorer instead of --images: shapesworld."),
+    n: int = typer.Option(1000, min=1, help="Items (real image + one edit) for --world."),
+    seed_base: Optional[int] = typer.Option(None, help="Scene seed base for --world (default: the world's)."),
+    scorer: str = typer.Option("auto", help="auto (world's exact score / LAION aesthetic for --images) or aesthetic."),
+    aesthetic_weights: Optional[Path] = typer.Option(None, help="LAION aesthetic MLP weights (.safetensors)."),
+    threshold: Optional[float] = typer.Option(None, help="Low-fidelity threshold (default: the scorer's; aesthetic 5)."),
+    steps: int = typer.Option(20, min=2, help="DDIM steps per edit (the paper's 50 costs 2.5x more)."),
+    seed: int = typer.Option(0, help="Seed of the simulated drags and guidance settings."),
+    shard: str = typer.Option("0/1", help="k/n: this process edits items i with i % n == k (run n in parallel)."),
+    minutes: Optional[float] = typer.Option(None, min=0.01, help="Stop cleanly after this wall time (resume later)."),
+    device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (1 per shard is fastest on CPU)."),
+) -> None:
+    """Simulate drags on real images, edit with editing guidance only, score each edit, write a manifest."""
+    import torch
+
+    from engine.discriminator_data import AestheticScorer, folder_source, read_manifest, summarize, synthesize
+    from engine.pipeline import DragEditor
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        k, nsh = (int(v) for v in shard.split("/"))
+        if not 0 <= k < nsh:
+            raise ValueError
+    except ValueError:
+        _fail(f"--shard {shard!r}: expected k/n with 0 <= k < n")
+    try:
+        if (images is None) == (world is None):
+            raise InputError("give exactly one of --images DIR or --world NAME")
+        if world:
+            items, sc, source_name = _world(world, n, seed_base)
+            total = n
+        else:
+            items, source_name = folder_source(images), f"folder:{images}"
+            total = None
+        if scorer == "aesthetic" or (scorer == "auto" and images is not None):
+            if aesthetic_weights is None:
+                raise InputError("the aesthetic scorer needs --aesthetic-weights (LAION MLP, .safetensors)")
+            sc = AestheticScorer(aesthetic_weights, device=device or "cpu")
+        elif scorer != "auto":
+            raise InputError(f"unknown --scorer {scorer!r}: auto or aesthetic")
+        if threshold is not None:
+            sc.threshold = threshold
+        editor = DragEditor.from_pretrained(base or (None if world is None else _world_model(world)), device=device,
+                                            show_progress=False)
+        counts = synthesize(editor, items, sc, out, steps=steps, seed=seed, source_name=source_name,
+                            shard=(k, nsh), total=total, minutes=minutes)
+    except LucidDragError as exc:
+        _fail(str(exc))
+    typer.echo(f"this run: {counts}; folder: {json.dumps(summarize(read_manifest(out)))}")
+
+
+def _world_model(world: str) -> str:
+    if world == "shapesworld":
+        return str(importlib.import_module("evals.shapesworld").MODEL_DIR)
+    raise InputError(f"no default base model for world {world!r}: pass --base")
+
+
+def train_command(
+    base: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_MODEL", help="Base model (hub id or folder)."),
+    data: Path = typer.Option(..., help="Data folder from `luciddrag discriminator synthesize`."),
+    out: Path = typer.Option(..., help="Output folder (discriminator.safetensors, discriminator.json, record, plots)."),
+    epochs: int = typer.Option(100, min=1, help="Epochs (paper: 100)."),
+    batch: int = typer.Option(128, min=2, help="Batch size (paper: 128)."),
+    lr: float = typer.Option(1e-4, min=0.0, help="Adam learning rate (paper: 1e-4)."),
+    minutes: Optional[float] = typer.Option(None, min=0.01, help="Wall-time budget; stops after the running epoch."),
+    holdout: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of items held out for evaluation."),
+    good_edits: bool = typer.Option(False, help="Also use edits scoring above the threshold as positives."),
+    roundtrip: bool = typer.Option(True, help="Also use VAE round-trips of the real images as positives."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
+    seed: int = typer.Option(0),
+    device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+) -> None:
+    """Train the fidelity discriminator (frozen down blocks, fine-tuned mid block + linear head) on noisy latents."""
+    import torch
+
+    from engine.discriminator_train import TrainConfig, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = TrainConfig(base=base, data=data, out=out, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
+                          holdout=holdout, good_edits=good_edits, roundtrip=roundtrip, seed=seed, device=device)
+        train(cfg, resume=resume, log=typer.echo)
+    except LucidDragError as exc:
+        _fail(str(exc))
+
+
+@app.command("info")
+def info_command(path: Path = typer.Argument(..., help="Discriminator folder.")) -> None:
+    """Print a discriminator's config: its base, critic threshold and timesteps, recommended guidance."""
+    from engine.discriminator import read_config
+
+    try:
+        cfg = read_config(path)
+    except LucidDragError as exc:
+        _fail(str(exc))
+    d = cfg.model_dump()
+    d["base"]["probe"] = f"<{len(cfg.base.probe)} values>"
+    typer.echo(json.dumps(d, indent=1))
+
+
+@app.command("eval")
+def eval_command(
+    path: Path = typer.Argument(..., help="Discriminator folder."),
+    data: Path = typer.Option(..., help="Data folder (its held-out split is evaluated)."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the one the data was synthesised with)."),
+    holdout: Optional[float] = typer.Option(None, help="Held-out fraction (default: the one used in training)."),
+    draws: int = typer.Option(4, min=1, help="Noise draws per example and timestep bucket."),
+    device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
+) -> None:
+    """Held-out accuracy and ROC-AUC per timestep bucket of a trained discriminator."""
+    import torch
+
+    from engine.discriminator import alphas_cumprod, load_discriminator, read_config
+    from engine.discriminator_data import DataMeta, read_manifest
+    from engine.discriminator_train import (caption_index, encode_examples, evaluate_buckets, examples_from,
+                                            format_buckets, is_heldout)
+    from engine.loading import load_components
+
+    try:
+        cfg = read_config(path)
+        meta_path = data / "meta.json"
+        meta = DataMeta.model_validate_json(meta_path.read_text()) if meta_path.is_file() else None
+        comps = load_components(base or (meta.base if meta else None), device)
+        disc = load_discriminator(path, comps)
+        frac = holdout if holdout is not None else float(cfg.notes.get("holdout", 0.15))
+        notes = cfg.notes
+        exs = [e for e in examples_from(read_manifest(data), bool(notes.get("good_edits", False)))
+               if is_heldout(e.key, frac)]
+        if not exs:
+            raise InputError(f"no held-out examples in {data} at fraction {frac}")
+        lat, exs = encode_examples(comps, data, exs, bool(notes.get("roundtrip", True)))
+        labels = torch.tensor([e.label for e in exs], dtype=torch.float32)
+        emb, idx = caption_index(comps, [e.caption for e in exs])
+        ab = alphas_cumprod(comps.scheduler_config)
+        res = evaluate_buckets(disc.model, lat, emb, idx, labels, ab, (0, 250, 500, 750, len(ab)), draws, 0,
+                               comps.device, comps.dtype)
+    except LucidDragError as exc:
+        _fail(str(exc))
+    typer.echo(format_buckets(res))
+
+
+@app.command("calibrate")
+def calibrate_command(
+    path: Path = typer.Argument(..., help="Discriminator folder (its config gets the calibrated threshold)."),
+    world: str = typer.Option("shapesworld", help="World with good / deliberately broken edits."),
+    n: int = typer.Option(60, min=4, help="Tasks (each gives one good and one broken edit)."),
+    write: bool = typer.Option(True, help="Store the threshold in the discriminator's config."),
+) -> None:
+    """Calibrate the critic's threshold on a world's good vs broken edits and report accept/reject rates."""
+    if world not in WORLDS:
+        _fail(f"unknown world {world!r}: one of {', '.join(WORLDS)}")
+    mod = importlib.import_module(WORLDS[world])
+    try:
+        report = mod.calibrate_critic(path, n=n, write=write, log=typer.echo)
+    except LucidDragError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({k: v for k, v in report.items() if k != "per_item"}, indent=1))

@@ -1,0 +1,391 @@
+"""Training the fidelity discriminator (paper §4.1: Adam, lr 1e-4, 100 epochs, batch 128).
+
+Examples come from a data folder written by `engine.discriminator_data.synthesize`: real images (label 1), edits
+scoring below the scorer's threshold (label 0), and optionally
+- VAE round-trips of the real images (label 1, on by default): every edit has been through the VAE decoder, so
+  without decoded positives the decoder's signature alone would separate the classes (a shortcut unrelated to
+  fidelity that would make the critic reject every edit);
+- edits scoring above the threshold (label 1, off by default, not in the paper's recipe).
+
+Each step draws t uniformly from the base's training timesteps and noises the clean latents with the base's own
+schedule, so one discriminator serves every sampling step. Classes are balanced by per-sample loss weights.
+Items (a real image and its edit) are split into train / held-out by a hash of their key, so no scene is on both sides.
+
+Resumable: `out/checkpoint/` holds the trainable weights, Adam's state (safetensors) and progress (JSON), written
+after every epoch; epoch e shuffles with seed (seed, e), so a resumed run is the run that was not interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from engine.discriminator import (Discriminator, build_discriminator, discrimination_loss, encode_prompts,
+                                  alphas_cumprod, image_to_latents, noisy, save_discriminator)
+from engine.discriminator_data import DataMeta, SynthRecord, read_manifest
+from engine.errors import InputError
+
+DEFAULT_BUCKETS = (0, 250, 500, 750, 1000)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    base: str | None = None
+    data: Path
+    out: Path
+    epochs: int = Field(100, ge=1)
+    batch: int = Field(128, ge=2)
+    lr: float = Field(1e-4, ge=0)
+    minutes: float | None = None
+    holdout: float = Field(0.15, ge=0, lt=1)
+    good_edits: bool = False
+    roundtrip: bool = True
+    seed: int = 0
+    device: str | None = None
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    eval_draws: int = Field(4, ge=1, description="Noise draws per held-out example and timestep bucket.")
+
+
+class Example(BaseModel):
+    key: str
+    path: str
+    caption: str
+    label: int
+    kind: str  # real | roundtrip | low | high
+
+
+# -- small pure functions ------------------------------------------------------------------------------------------
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Deterministic split by key (stable across runs, machines and data-set growth)."""
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < fraction
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties count half
+    (Mann-Whitney U from average ranks). NaN when a class is missing."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) over all thresholds, from the highest score down."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    tp = np.concatenate([[0], np.cumsum(labels[order])])
+    fp = np.concatenate([[0], np.cumsum(~labels[order])])
+    return fp / max(fp[-1], 1), tp / max(tp[-1], 1)
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights giving both classes equal total weight."""
+    pos = labels.float().mean().clamp(1e-6, 1 - 1e-6)
+    return torch.where(labels > 0.5, 0.5 / pos, 0.5 / (1 - pos))
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+
+
+def examples_from(records: Sequence[SynthRecord], good_edits: bool) -> list[Example]:
+    """Positives: the real images (+ good edits if asked); negatives: the low-fidelity edits."""
+    out: list[Example] = []
+    for r in records:
+        out.append(Example(key=r.key, path=r.real, caption=r.caption, label=1, kind="real"))
+        if r.label == "low":
+            out.append(Example(key=r.key, path=r.edit, caption=r.caption, label=0, kind="low"))
+        elif good_edits:
+            out.append(Example(key=r.key, path=r.edit, caption=r.caption, label=1, kind="high"))
+    return out
+
+
+def encode_examples(components, data: Path, examples: Sequence[Example], roundtrip: bool, batch: int = 64,
+                    progress: bool = True) -> tuple[torch.Tensor, list[Example]]:
+    """Clean latents of every example (and, for real images, of their VAE round-trip), in CPU float32."""
+    lat, exs = [], []
+    for i in tqdm(range(0, len(examples), batch), desc="encode", disable=not progress, leave=False):
+        chunk = examples[i:i + batch]
+        ims = [Image.open(data / e.path).convert("RGB") for e in chunk]
+        z = image_to_latents(components, ims)
+        lat.append(z.float().cpu())
+        exs += chunk
+        if roundtrip:
+            reals = [k for k, e in enumerate(chunk) if e.kind == "real"]
+            if reals:
+                vae = components.vae
+                with torch.no_grad():
+                    x = vae.decode(z[reals].to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+                    x = ((x + 1) * 127.5).round() / 127.5 - 1  # through 8-bit pixels, like a saved edit
+                    z2 = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+                lat.append(z2.float().cpu())
+                exs += [chunk[k].model_copy(update={"kind": "roundtrip"}) for k in reals]
+    return torch.cat(lat), exs
+
+
+def cached_latents(components, cfg: TrainConfig, examples: list[Example], log: Callable[[str], None]):
+    """encode_examples, cached in out/latents.safetensors keyed by the examples, the base and the options."""
+    from safetensors.torch import load_file, save_file
+
+    ident = hashlib.sha256(json.dumps([[e.key, e.path, e.label] for e in examples] + [
+        components.name, cfg.roundtrip, str(components.unet.config.get("block_out_channels"))]).encode()).hexdigest()
+    path = cfg.out / "latents.safetensors"
+    meta_path = cfg.out / "latents.json"
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("ident") == ident:
+            log(f"latents: cached ({path})")
+            return load_file(str(path))["latents"], [Example(**e) for e in meta["examples"]]
+    t0 = time.perf_counter()
+    lat, exs = encode_examples(components, cfg.data, examples, cfg.roundtrip)
+    save_file({"latents": lat.contiguous()}, str(path))
+    meta_path.write_text(json.dumps({"ident": ident, "examples": [e.model_dump() for e in exs]}))
+    log(f"latents: encoded {len(exs)} in {time.perf_counter() - t0:.1f}s")
+    return lat, exs
+
+
+def caption_index(components, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique captions' text embeddings (U, L, D) on CPU, and each example's row in them."""
+    uniq = sorted(set(captions))
+    pos = {c: i for i, c in enumerate(uniq)}
+    embs = torch.cat([encode_prompts(components, uniq[i:i + 256]).float().cpu() for i in range(0, len(uniq), 256)])
+    return embs, torch.tensor([pos[c] for c in captions])
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def evaluate_buckets(model, lat: torch.Tensor, emb: torch.Tensor, emb_idx: torch.Tensor, labels: torch.Tensor,
+                     ab: torch.Tensor, buckets: Sequence[int], draws: int, seed: int, device, dtype,
+                     batch: int = 256) -> dict[str, dict]:
+    """Per timestep bucket [lo, hi): accuracy at P = 0.5, balanced accuracy and ROC-AUC over `draws` noise draws
+    per example (t uniform in the bucket), with fixed seeds so numbers are comparable across epochs and runs."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 12345)
+    out: dict[str, dict] = {}
+    y = labels.numpy().astype(bool)
+    for lo, hi in zip(buckets[:-1], buckets[1:]):
+        scores, ys = [], []
+        for _ in range(draws):
+            t = torch.randint(lo, hi, (len(lat),), generator=gen)
+            eps = torch.randn(lat.shape, generator=gen)
+            for i in range(0, len(lat), batch):
+                sl = slice(i, i + batch)
+                zt = noisy(lat[sl], eps[sl], ab[t[sl]]).to(device, dtype)
+                with torch.no_grad():
+                    scores.append(model(zt, t[sl].to(device), emb[emb_idx[sl]].to(device, dtype)).float().cpu())
+            ys.append(y)
+        s = torch.cat(scores).numpy()
+        yy = np.concatenate(ys)
+        pred = s > 0
+        tpr = float(pred[yy].mean()) if yy.any() else float("nan")
+        tnr = float((~pred[~yy]).mean()) if (~yy).any() else float("nan")
+        fpr_c, tpr_c = roc_curve(s, yy)
+        out[f"{lo}-{hi}"] = {"n": int(len(yy)), "accuracy": float((pred == yy).mean()),
+                             "balanced_accuracy": (tpr + tnr) / 2, "tpr": tpr, "tnr": tnr,
+                             "auc": roc_auc(s, yy), "roc": [fpr_c[:: max(1, len(fpr_c) // 200)].tolist(),
+                                                            tpr_c[:: max(1, len(tpr_c) // 200)].tolist()]}
+    return out
+
+
+def format_buckets(metrics: dict[str, dict]) -> str:
+    rows = ["| t bucket | n | ROC-AUC | accuracy | balanced acc. | TPR (real) | TNR (low-fid.) |",
+            "|---|---|---|---|---|---|---|"]
+    for b, m in metrics.items():
+        rows.append(f"| {b} | {m['n']} | {m['auc']:.3f} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | "
+                    f"{m['tpr']:.3f} | {m['tnr']:.3f} |")
+    return "\n".join(rows)
+
+
+def plot_record(record: dict, path: Path) -> None:
+    """ROC curves per timestep bucket and the training loss, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for bucket, m in record["heldout"].items():
+        a.plot(m["roc"][0], m["roc"][1], label=f"t {bucket}: AUC {m['auc']:.3f}")
+    a.plot([0, 1], [0, 1], "k:", lw=0.8)
+    a.set(xlabel="false positive rate (low-fidelity called real)", ylabel="true positive rate (real called real)",
+          title="held-out ROC per timestep bucket")
+    a.legend(fontsize=8, loc="lower right")
+    hist = record["history"]
+    b.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], label="train loss")
+    if any("heldout_auc_0_500" in h for h in hist):
+        b2 = b.twinx()
+        b2.plot([h["epoch"] for h in hist if "heldout_auc_0_500" in h],
+                [h["heldout_auc_0_500"] for h in hist if "heldout_auc_0_500" in h], "r-", label="held-out AUC t<500")
+        b2.set_ylabel("AUC")
+        b2.legend(fontsize=8, loc="center right")
+    b.set(xlabel="epoch", ylabel="weighted BCE", title="training")
+    b.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer, progress: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().float().cpu().contiguous() for k, v in disc.model.trainable_state().items()}
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().float().cpu().reshape(-1 if k == "step" else v.shape).contiguous()
+    tmp = folder / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "state.safetensors")  # atomic: a crash mid-write keeps the previous checkpoint
+    (folder / "progress.json").write_text(json.dumps({**progress, "param_groups": sd["param_groups"]}))
+
+
+def load_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "state.safetensors"))
+    progress = json.loads((folder / "progress.json").read_text())
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    disc.model.load_state_dict(model_state, strict=False)
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v.reshape(()) if name == "step" else v
+    opt.load_state_dict({"state": state, "param_groups": progress.pop("param_groups")})
+    return progress
+
+
+# -- the training run ----------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, components=None) -> dict:
+    """Train, evaluate per timestep bucket, save discriminator + training_record.json + roc.png in cfg.out."""
+    from engine.loading import load_components
+
+    records = read_manifest(cfg.data)
+    if not records:
+        raise InputError(f"no training data in {cfg.data}: run `luciddrag discriminator synthesize --out {cfg.data}`")
+    meta_path = Path(cfg.data) / "meta.json"
+    meta = DataMeta.model_validate_json(meta_path.read_text()) if meta_path.is_file() else None
+    base = cfg.base or (meta.base if meta else None)
+    if components is None:
+        components = load_components(base, cfg.device, "fp32")  # train in fp32 whatever the device
+    if meta and str(Path(meta.base).resolve() if Path(meta.base).exists() else meta.base) != str(
+            Path(components.name).resolve() if Path(components.name).exists() else components.name):
+        log(f"warning: the data was synthesised with base {meta.base!r}, training for {components.name!r}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    ckpt = cfg.out / "checkpoint"
+    if not resume and (ckpt / "state.safetensors").is_file():
+        raise InputError(f"{ckpt} holds a checkpoint: pass --resume to continue it, or use another --out")
+
+    examples = examples_from(records, cfg.good_edits)
+    lat, examples = cached_latents(components, cfg, examples, log)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
+    emb, emb_idx = caption_index(components, [e.caption for e in examples])
+    held = torch.tensor([is_heldout(e.key, cfg.holdout) for e in examples])
+    tr, ho = (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
+    counts = {k: sum(e.kind == k for e in examples) for k in ("real", "roundtrip", "low", "high")}
+    log(f"examples: {counts}; train {len(tr)}, held-out {len(ho)} "
+        f"({int(labels[ho].sum())} positive / {int((1 - labels[ho]).sum())} negative)")
+    if len(tr) < 2 or labels[tr].min() == labels[tr].max():
+        raise InputError("training needs both real and low-fidelity examples: synthesise more data")
+
+    disc = build_discriminator(components, cfg.seed)
+    model = disc.model
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
+    progress = {"epoch": 0, "history": [], "seconds": 0.0}
+    if resume and (ckpt / "state.safetensors").is_file():
+        progress = load_checkpoint(ckpt, disc, opt)
+        log(f"resumed at epoch {progress['epoch']} ({progress['seconds'] / 60:.1f} min trained)")
+
+    ab = alphas_cumprod(components.scheduler_config)
+    T = len(ab)
+    dev, dt = components.device, components.dtype
+    weights = class_weights(labels[tr])
+    t_start = time.perf_counter() - progress["seconds"]
+    budget = 60 * cfg.minutes if cfg.minutes else math.inf
+    steps_per_epoch = math.ceil(len(tr) / cfg.batch)
+    bar = tqdm(total=cfg.epochs, initial=progress["epoch"], desc="train discriminator", unit="epoch")
+    while progress["epoch"] < cfg.epochs and time.perf_counter() - t_start < budget:
+        e = progress["epoch"]
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + e)
+        perm = tr[torch.randperm(len(tr), generator=gen)]
+        model.train()
+        losses = []
+        for s in range(steps_per_epoch):
+            idx = perm[s * cfg.batch:(s + 1) * cfg.batch]
+            if len(idx) < 2:
+                continue
+            t = torch.randint(0, T, (len(idx),), generator=gen)
+            eps = torch.randn(lat[idx].shape, generator=gen)
+            zt = noisy(lat[idx], eps, ab[t]).to(dev, dt)
+            logits = model(zt, t.to(dev), emb[emb_idx[idx]].to(dev, dt))
+            w = weights[torch.searchsorted(tr, idx)].to(dev)
+            loss = discrimination_loss(logits, labels[idx].to(dev), w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        entry = {"epoch": e + 1, "loss": float(np.mean(losses)), "minutes": (time.perf_counter() - t_start) / 60}
+        if len(ho) and ((e + 1) % 10 == 0 or e == 0):
+            quick = evaluate_buckets(model, lat[ho], emb, emb_idx[ho], labels[ho], ab, (0, 500, T), 1, cfg.seed, dev, dt)
+            entry["heldout_auc_0_500"] = quick[f"0-500"]["auc"]
+            entry["heldout_auc_500_1000"] = quick[f"500-{T}"]["auc"]
+        progress["history"].append(entry)
+        progress["epoch"] = e + 1
+        progress["seconds"] = time.perf_counter() - t_start
+        save_checkpoint(ckpt, disc, opt, progress)
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"auc<500": f"{entry['heldout_auc_0_500']:.3f}"}
+                                                         if "heldout_auc_0_500" in entry else {}))
+    bar.close()
+    stopped = "budget" if progress["epoch"] < cfg.epochs else "epochs"
+
+    buckets = tuple(b for b in cfg.buckets if b < T) + (T,)
+    heldout = evaluate_buckets(model, lat[ho], emb, emb_idx[ho], labels[ho], ab, buckets, cfg.eval_draws,
+                               cfg.seed, dev, dt) if len(ho) else {}
+    log(f"held-out ({len(ho)} examples x {cfg.eval_draws} noise draws per bucket):\n" + format_buckets(heldout))
+    disc.config.notes = {"trained_on": str(cfg.data), "epochs": progress["epoch"], "holdout": cfg.holdout,
+                         "good_edits": cfg.good_edits, "roundtrip": cfg.roundtrip,
+                         "heldout_auc": {k: round(v["auc"], 4) for k, v in heldout.items()}}
+    save_discriminator(disc, cfg.out)
+    record = {"config": json.loads(cfg.model_dump_json()), "base": components.name, "data": {
+        "folder": str(cfg.data), "items": len(records), "examples": counts, "train": int(len(tr)),
+        "heldout": int(len(ho)), "meta": meta.model_dump() if meta else None},
+        "epochs_done": progress["epoch"], "stopped_by": stopped, "train_minutes": progress["seconds"] / 60,
+        "steps_per_epoch": steps_per_epoch, "history": progress["history"], "heldout": heldout,
+        "torch_threads": torch.get_num_threads(), "device": str(dev)}
+    (cfg.out / "training_record.json").write_text(json.dumps(record, indent=1))
+    plot_record(record, cfg.out / "roc.png")
+    log(f"saved {cfg.out / 'discriminator.safetensors'} ({progress['epoch']} epochs, "
+        f"{progress['seconds'] / 60:.1f} min; stopped by {stopped})")
+    return record

@@ -1,0 +1,226 @@
+"""ShapesWorld's side of the discriminator's data recipe: drag tasks as the source, the world's exact fidelity score
+as the scorer, and deliberately broken edits for checking the critic.
+
+The fidelity score (0-10, threshold 5, the same scale as the aesthetic predictor's) looks only at image fidelity,
+not at drag accuracy: a shape that did not move is a faithful image, a smeared or recoloured one, a left-behind copy,
+speckle blobs or a damaged background are not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from engine.discriminator_data import SourceItem
+from evals.shapesworld import world
+from evals.shapesworld.scoring import GHOST_THRESHOLD, TaskScore, score_task
+from evals.shapesworld.tasks import DragTask, generate_tasks
+
+SYNTH_SEED_BASE = 700_000_000  # disjoint from training scenes of seed 0, the drag suite (8e8) and quality (9e8)
+CRITIC_SEED_BASE = 870_000_000  # held-out scenes for calibrating / checking the critic
+PSNR_LOW, PSNR_HIGH = 18.0, 26.0  # background PSNR mapped to 0..1 (22 dB = the middle)
+
+
+def fidelity_score(s: TaskScore) -> float:
+    """10 x integrity x min(ghost term, background term).
+
+    integrity: the edited shape is found with its class and colour, and nothing new appeared (extra objects);
+    ghost term (moves only; for a resize a left-over is indistinguishable from 'did not shrink', an accuracy
+    failure): 1 - ghost / (2 x GHOST_THRESHOLD), so the scorer's ghost threshold sits at 5;
+    background term: preservation PSNR mapped linearly from PSNR_LOW..PSNR_HIGH to 0..1.
+    """
+    if not (s.found and s.identity_kept and s.extra_objects == 0):
+        return 0.0
+    g = 1.0 if s.family != "move" else float(np.clip(1 - s.ghost_fraction / (2 * GHOST_THRESHOLD), 0, 1))
+    p = float(np.clip((s.preservation_psnr - PSNR_LOW) / (PSNR_HIGH - PSNR_LOW), 0, 1))
+    return 10.0 * min(g, p)
+
+
+class ShapesWorldScorer:
+    """The world's exact fidelity score of an edit of a ShapesWorld task (the item's payload)."""
+
+    name = "shapesworld-fidelity"
+    threshold = 5.0
+
+    def score(self, item: SourceItem, edited: Image.Image) -> tuple[float, dict]:
+        task: DragTask = item.payload
+        s = score_task(task, np.asarray(edited.convert("RGB")))
+        return fidelity_score(s), {"psnr": s.preservation_psnr, "ghost": s.ghost_fraction,
+                                   "identity": s.identity_kept, "extra": s.extra_objects, "md_px": s.md_px,
+                                   "family": task.family}
+
+
+def task_item(task: DragTask) -> SourceItem:
+    sc = task.scene()
+    return SourceItem(key=task.task_id, image=sc.image, caption=task.source_prompt,
+                      drags=[(d.handle, d.target) for d in task.drags], mask=task.editable_mask(), payload=task)
+
+
+def source(n: int, seed_base: int = SYNTH_SEED_BASE) -> Iterator[SourceItem]:
+    """n items, alternating move and resize tasks (random handle on a shape, random direction and length)."""
+    moves = generate_tasks("move", (n + 1) // 2, seed_base)
+    resizes = generate_tasks("resize", n // 2, seed_base)
+    for i in range(n):
+        yield task_item(moves[i // 2] if i % 2 == 0 else resizes[i // 2])
+
+
+def make(n: int, seed_base: int = SYNTH_SEED_BASE):
+    """Plugin entry for `luciddrag discriminator synthesize --world shapesworld`: (items, scorer, name)."""
+    return source(n, seed_base), ShapesWorldScorer(), "shapesworld"
+
+
+# -- deliberately broken edits (for the critic check) -------------------------------------------------------------
+
+BREAKS = ("ghost", "smear", "wrong_colour", "noise", "duplicate_blob")
+
+
+def _paste(base: np.ndarray, src: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    out = base.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * src[mask].astype(np.float32)
+    return out
+
+
+def good_edit(task: DragTask) -> Image.Image:
+    """The ideal result of the task (ground-truth rendering)."""
+    return task.ground_truth_scene().image
+
+
+def broken_edit(task: DragTask, kind: str, rng: np.random.Generator) -> Image.Image:
+    """The ideal result, damaged in one of the ways drag editors fail.
+
+    ghost: a half-transparent copy of the shape left at its old place; smear: the moved shape blurred and stretched
+    along the drag; wrong_colour: the moved shape recoloured off-palette (hue rotated between palette colours);
+    noise: strong Gaussian noise over the edited region; duplicate_blob: an extra saturated blob near the target.
+    """
+    gt = np.asarray(good_edit(task), dtype=np.float32)
+    orig = np.asarray(task.scene().image, dtype=np.float32)
+    new_m, old_m = task.target_mask(), task.source_mask()
+    if kind == "ghost":
+        out = _paste(gt, orig, old_m & ~new_m, float(rng.uniform(0.5, 0.8)))
+    elif kind == "smear":
+        im = Image.fromarray(gt.astype(np.uint8))
+        d = task.drags[0]
+        ang = math.degrees(math.atan2(d.target[1] - d.handle[1], d.target[0] - d.handle[0]))
+        # motion blur along the drag: blur a rotated copy horizontally, rotate back, paste over the edit region
+        rot = im.rotate(ang, resample=Image.Resampling.BILINEAR, center=task.expected_centroid)
+        arr = np.asarray(rot, dtype=np.float32)
+        k = int(rng.integers(5, 9))
+        kern = np.ones(k) / k
+        arr = np.apply_along_axis(lambda r: np.convolve(r, kern, mode="same"), 1, arr)
+        back = Image.fromarray(arr.clip(0, 255).astype(np.uint8)).rotate(
+            -ang, resample=Image.Resampling.BILINEAR, center=task.expected_centroid)
+        region = world.dilate(new_m | old_m, 3)
+        out = _paste(gt, np.asarray(back.filter(ImageFilter.GaussianBlur(1.0))), region, 1.0)
+    elif kind == "wrong_colour":
+        import colorsys
+
+        src = np.array(world.COLOURS[task.source.colour]) / 255.0
+        h, s, v = colorsys.rgb_to_hsv(*src)
+        # half-way between palette hues (e.g. orange, teal): a colour the world never draws
+        h2 = (h + float(rng.choice([0.09, -0.09, 0.5]))) % 1.0
+        rgb = np.array(colorsys.hsv_to_rgb(h2, s, v)) * 255
+        out = gt.copy()
+        out[new_m] = 0.85 * rgb + 0.15 * out[new_m]
+    elif kind == "noise":
+        region = world.dilate(new_m | old_m, 3)
+        out = gt.copy()
+        out[region] += rng.normal(0, float(rng.uniform(40, 70)), size=(int(region.sum()), 3))
+    elif kind == "duplicate_blob":
+        out = gt.copy()
+        cx, cy = task.expected_centroid
+        yy, xx = np.mgrid[0:gt.shape[0], 0:gt.shape[1]]
+        r = float(rng.uniform(3, 5))
+        ang = float(rng.uniform(0, 2 * math.pi))
+        dist = task.target.size / 2 + r + 1
+        bx, by = cx + dist * math.cos(ang), cy + dist * math.sin(ang)
+        blob = (xx - bx) ** 2 + (yy - by) ** 2 <= r * r
+        out[blob] = np.array(world.COLOURS[task.source.colour], dtype=np.float32)
+    else:
+        raise ValueError(f"unknown break {kind!r}: one of {BREAKS}")
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+# -- critic calibration ------------------------------------------------------------------------------------------
+
+
+def _best_threshold(good: np.ndarray, bad: np.ndarray) -> float:
+    """The P(real) threshold maximising min(acceptance of good, rejection of broken); midpoint between scores."""
+    cands = np.unique(np.concatenate([good, bad]))
+    mids = np.concatenate([[cands[0] - 1e-6], (cands[1:] + cands[:-1]) / 2, [cands[-1] + 1e-6]])
+    best = max(mids, key=lambda th: (min((good >= th).mean(), (bad < th).mean()), -abs(th - 0.5)))
+    return float(best)
+
+
+def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 0, steps: int = 20,
+                     seed_base: int = CRITIC_SEED_BASE, log=print) -> dict:
+    """Score good (ground-truth) and deliberately broken edits of held-out tasks with the discriminator; pick the
+    threshold on the even tasks, report acceptance / rejection on the odd ones, store the threshold.
+
+    `engine_edits` > 0 also scores that many engine edits (editing guidance, `steps` steps) and reports how many of
+    those the exact scorer calls faithful are accepted, and how many it calls low-fidelity are rejected.
+    """
+    from engine.discriminator import load_discriminator, read_config, score_images, write_config
+    from engine.loading import load_components
+    from evals.shapesworld import MODEL_DIR
+
+    comps = load_components(str(MODEL_DIR), "cpu")
+    disc = load_discriminator(path, comps, use_cache=False)
+    tasks = [t for pair in zip(generate_tasks("move", (n + 1) // 2, seed_base),
+                               generate_tasks("resize", (n + 1) // 2, seed_base)) for t in pair][:n]
+    rng = np.random.default_rng(seed_base)
+    kinds = [BREAKS[i % len(BREAKS)] for i in range(n)]
+    good_ims = [good_edit(t) for t in tasks]
+    bad_ims = [broken_edit(t, k, rng) for t, k in zip(tasks, kinds)]
+    prompts = [t.target_prompt for t in tasks]
+    pg = np.array(score_images(disc, comps, good_ims, prompts))
+    pb = np.array(score_images(disc, comps, bad_ims, prompts))
+    cal, test = np.arange(n) % 2 == 0, np.arange(n) % 2 == 1
+    th = _best_threshold(pg[cal], pb[cal])
+    report = {"n_tasks": n, "threshold": th, "critic_timesteps": disc.config.critic_timesteps,
+              "calibration": {"accept_good": float((pg[cal] >= th).mean()), "reject_broken": float((pb[cal] < th).mean())},
+              "test": {"accept_good": float((pg[test] >= th).mean()), "reject_broken": float((pb[test] < th).mean()),
+                       "n_good": int(test.sum()), "n_broken": int(test.sum())},
+              "reject_by_kind_test": {k: float(np.mean([pb[i] < th for i in range(n) if test[i] and kinds[i] == k]))
+                                      for k in BREAKS},
+              "per_item": [{"task": t.task_id, "kind": k, "p_good": float(a), "p_broken": float(b)}
+                           for t, k, a, b in zip(tasks, kinds, pg, pb)]}
+    if engine_edits:
+        from engine.pipeline import DragEditor
+        from evals.shapesworld.drag_eval import config_request
+
+        editor = DragEditor(comps, show_progress=False)
+        scorer = ShapesWorldScorer()
+        etasks = [t for pair in zip(generate_tasks("move", engine_edits, seed_base + 7_000_000),
+                                    generate_tasks("resize", engine_edits, seed_base + 7_000_000)) for t in pair]
+        etasks = etasks[:engine_edits]
+        from engine.request import GuidanceConfig
+
+        ims, fid = [], []
+        for t in etasks:
+            im = editor.edit(config_request(t, "editing", steps, GuidanceConfig(), True)).image.convert("RGB")
+            ims.append(im)
+            fid.append(scorer.score(task_item(t), im)[0])
+        pe = np.array(score_images(disc, comps, ims, [t.target_prompt for t in etasks]))
+        fid = np.array(fid)
+        ok = fid >= scorer.threshold
+        report["engine_edits"] = {"n": len(etasks), "n_faithful": int(ok.sum()),
+                                  "accept_faithful": float((pe[ok] >= th).mean()) if ok.any() else None,
+                                  "reject_low_fidelity": float((pe[~ok] < th).mean()) if (~ok).any() else None,
+                                  "auc": _auc(pe, ok)}
+    log(f"critic threshold P(real) >= {th:.3f}: held-out good accepted {report['test']['accept_good']:.0%}, "
+        f"broken rejected {report['test']['reject_broken']:.0%}")
+    if write:
+        cfg = read_config(path)
+        cfg.threshold = th
+        cfg.notes["critic_calibration"] = {k: v for k, v in report.items() if k != "per_item"}
+        write_config(path, cfg)
+    return report
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from engine.discriminator_train import roc_auc
+
+    return roc_auc(scores, labels)

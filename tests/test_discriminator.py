@@ -1,0 +1,217 @@
+"""Fidelity discriminator: model shapes, frozen parts, training, quality-gradient sign, base versioning, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.discriminator import (QualityTerm, build_discriminator, discrimination_loss,
+                                  encode_prompts, load_discriminator, quality_energy, read_config,
+                                  save_discriminator, score_image)
+from engine.discriminator_train import class_weights, is_heldout, roc_auc
+from engine.errors import BaseMismatchError, LucidDragError, ModelLoadError
+from engine.guidance import GuidanceContext
+
+
+@pytest.fixture(scope="module")
+def comps(tiny_model_dir):
+    from engine.loading import load_components
+
+    return load_components(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    from engine.loading import load_components
+    from engine.tiny import build_tiny_model
+
+    return load_components(str(build_tiny_model(tmp_path_factory.mktemp("tiny-sd-1"), seed=1)), device="cpu")
+
+
+def _batch(comps, n: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 4, 8, 8, generator=g)
+    emb = encode_prompts(comps, ["a red circle"] * n)
+    return z, emb
+
+
+def test_output_shapes_and_conditioning(comps):
+    disc = build_discriminator(comps)
+    z, emb = _batch(comps)
+    out = disc.model(z, 10, emb[:1])
+    assert out.shape == (4,) and out.dtype == torch.float32
+    assert disc.model(z, torch.tensor([1, 200, 500, 999]), emb).shape == (4,)
+    # the output depends on t and on the text (the UNet's own conditioning paths feed the mid block)
+    other = encode_prompts(comps, ["a big blue square"] * 4)
+    with torch.no_grad():
+        a, b, c = disc.model(z, 10, emb), disc.model(z, 900, emb), disc.model(z, 10, other)
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    # only the mid block and the head are trainable, and they are a copy, not the base's mid block
+    names = {n.split(".")[0] for n, p in disc.model.named_parameters() if p.requires_grad}
+    assert names == {"mid_block", "head_norm", "head"}
+    assert disc.model.mid_block is not comps.unet.mid_block
+    assert disc.model.down_blocks is comps.unet.down_blocks  # shared, not copied
+
+
+def test_frozen_parts_stay_frozen_through_a_training_step(comps):
+    disc = build_discriminator(comps)
+    frozen = {n: p.detach().clone() for n, p in comps.unet.named_parameters()}
+    mid = {n: p.detach().clone() for n, p in disc.model.mid_block.named_parameters()}
+    head = disc.model.head.weight.detach().clone()
+    opt = torch.optim.Adam(disc.model.trainable_parameters(), lr=1e-3)
+    z, emb = _batch(comps)
+    disc.model.train()
+    loss = discrimination_loss(disc.model(z, torch.tensor([5, 50, 500, 900]), emb), torch.tensor([1.0, 0, 1, 0]))
+    loss.backward()
+    opt.step()
+    for n, p in comps.unet.named_parameters():  # the whole base UNet, its mid block included, is untouched
+        assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, mid[n]) for n, p in disc.model.mid_block.named_parameters())
+    assert not torch.equal(disc.model.head.weight, head)
+    assert not comps.unet.down_blocks.training  # train() leaves the shared base modules in eval mode
+
+
+def test_a_few_training_steps_lower_the_loss(comps):
+    torch.manual_seed(0)
+    disc = build_discriminator(comps, seed=0)
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(8, 4, 8, 8, generator=g) * 0.3 + 1.0  # two separable latent populations
+    fake = torch.randn(8, 4, 8, 8, generator=g) * 0.3 - 1.0
+    z = torch.cat([real, fake])
+    y = torch.cat([torch.ones(8), torch.zeros(8)])
+    emb = encode_prompts(comps, ["a red circle"])
+    t = torch.full((16,), 50)
+    opt = torch.optim.Adam(disc.model.trainable_parameters(), lr=3e-3)
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return float(discrimination_loss(disc.model(z, t, emb), y))
+
+    before = loss_now()
+    disc.model.train()
+    for _ in range(15):
+        loss = discrimination_loss(disc.model(z, t, emb), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = loss_now()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_quality_gradient_raises_d(comps):
+    disc = build_discriminator(comps, seed=3)
+    z, emb = _batch(comps, n=2, seed=5)
+    z = z.requires_grad_(True)
+    term = QualityTerm(disc, weight=1.0, steps=5)
+    ctx = GuidanceContext(step=0, num_steps=10, timestep=300, alpha_bar=0.5, latents=z, features={}, ref_features={},
+                          text_embeddings=emb, geometry=None)
+    e = term.energy(ctx)
+    assert e.shape == (2,) and bool((e > 0).all())
+    grad, = torch.autograd.grad(e.sum(), z)
+    with torch.no_grad():
+        d0 = torch.sigmoid(disc.model(z, 300, emb))
+        d1 = torch.sigmoid(disc.model(z - 0.5 * grad / grad.norm(), 300, emb))  # a step along -grad E
+    assert bool((d1 > d0).all()), (d0, d1)
+    # energy is -log D exactly
+    with torch.no_grad():
+        assert torch.allclose(e, -torch.log(d0), atol=1e-5)
+    assert term.active(4, 10) and not term.active(5, 10)
+    assert torch.allclose(quality_energy(torch.tensor([0.0])), torch.tensor([np.log(2.0)], dtype=torch.float32))
+
+
+def test_quality_term_plugs_into_the_sampler(tiny_editor, tmp_path):
+    from engine.request import EditRequest
+
+    disc = build_discriminator(tiny_editor.c, seed=0)
+    img = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    req = EditRequest.create(image=img, points=[(10, 10), (20, 12)], steps=4, guidance={"edit_steps": 0})
+    res = tiny_editor.edit(req, extra_terms=[QualityTerm(disc, weight=1.0, steps=2)])
+    steps_with_q = [d["step"] for d in res.diagnostics if "quality" in d]
+    assert steps_with_q == [0, 1]  # quality alone (editing guidance off) is applied on exactly the first n2 steps
+    assert res.stats["unet_backward"] == 2
+
+
+def test_save_load_roundtrip_and_score(comps, tmp_path):
+    disc = build_discriminator(comps, seed=2)
+    save_discriminator(disc, tmp_path / "d")
+    assert (tmp_path / "d" / "discriminator.safetensors").stat().st_size < 2_000_000
+    loaded = load_discriminator(tmp_path / "d", comps, use_cache=False)
+    z, emb = _batch(comps)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(z, 100, emb), disc.model(z, 100, emb))
+    p = score_image(loaded, comps, Image.new("RGB", (32, 32), (200, 30, 30)), "a red circle")
+    assert 0.0 < p < 1.0
+    assert read_config(tmp_path / "d").base.name == comps.name
+
+
+def test_loading_against_a_different_base_fails_clearly(comps, other_base, tmp_path):
+    disc = build_discriminator(comps)
+    save_discriminator(disc, tmp_path / "d")
+    with pytest.raises(BaseMismatchError, match="trained for base .* different weights in the frozen down blocks"):
+        load_discriminator(tmp_path / "d", other_base, use_cache=False)
+    assert issubclass(BaseMismatchError, ModelLoadError) and issubclass(BaseMismatchError, LucidDragError)
+    # another architecture
+    cfg = json.loads((tmp_path / "d" / "discriminator.json").read_text())
+    cfg["base"]["architecture"] = "0" * 16
+    (tmp_path / "d" / "discriminator.json").write_text(json.dumps(cfg))
+    with pytest.raises(BaseMismatchError, match="different UNet architecture"):
+        load_discriminator(tmp_path / "d", comps, use_cache=False)
+    with pytest.raises(ModelLoadError, match="discriminator not found"):
+        load_discriminator(tmp_path / "nothing", comps)
+
+
+def test_small_math():
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert roc_auc(np.array([1.0, 1.0]), np.array([0, 1])) == pytest.approx(0.5)  # ties count half
+    w = class_weights(torch.tensor([1.0, 0, 0, 0]))
+    assert float(w[0]) == pytest.approx(3 * float(w[1]))  # both classes carry equal total weight
+    keys = [f"k{i}" for i in range(2000)]
+    frac = np.mean([is_heldout(k, 0.2) for k in keys])
+    assert 0.15 < frac < 0.25 and is_heldout("k1", 0.2) == is_heldout("k1", 0.2)
+
+
+def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
+    """End to end through the CLI on the ShapesWorld model: 6 items at 2 steps, 2 epochs."""
+    import typer
+    from typer.testing import CliRunner
+
+    from engine import discriminator_cli
+
+    # mounted exactly as agent/cli.py mounts them (a fresh app keeps this test independent of other commands)
+    app = typer.Typer()
+    app.add_typer(discriminator_cli.app, name="discriminator")
+    app.command("train-discriminator")(discriminator_cli.train_command)
+    runner = CliRunner()
+    data, out = tmp_path / "data", tmp_path / "disc"
+    r = runner.invoke(app, ["discriminator", "synthesize", "--out", str(data), "--world", "shapesworld", "--n", "6",
+                            "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    lines = (data / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all((data / json.loads(x)["edit"]).is_file() for x in lines)
+    # resumable: a second run edits nothing new
+    r = runner.invoke(app, ["discriminator", "synthesize", "--out", str(data), "--world", "shapesworld", "--n", "6",
+                            "--steps", "2"])
+    assert r.exit_code == 0 and "'edited': 0" in r.output and "'skipped': 6" in r.output
+    # force both classes so the tiny set is trainable whatever the 2-step edits scored
+    recs = [json.loads(x) for x in lines]
+    for i, rec in enumerate(recs):
+        rec["label"] = "low" if i % 2 else "high"
+    (data / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    r = runner.invoke(app, ["train-discriminator", "--data", str(data), "--out", str(out), "--epochs", "2",
+                            "--batch", "4", "--holdout", "0.3"])
+    assert r.exit_code == 0, r.output
+    assert "ROC-AUC" in r.output
+    rec = json.loads((out / "training_record.json").read_text())
+    assert rec["epochs_done"] == 2 and (out / "roc.png").is_file() and (out / "discriminator.safetensors").is_file()
+    r = runner.invoke(app, ["train-discriminator", "--data", str(data), "--out", str(out), "--epochs", "3",
+                            "--batch", "4", "--holdout", "0.3", "--resume"])
+    assert r.exit_code == 0 and "resumed at epoch 2" in r.output
+    r = runner.invoke(app, ["discriminator", "info", str(out)])
+    assert r.exit_code == 0 and "threshold" in r.output
+    # against the wrong base: exit code 2 and one clear line, no traceback
+    r = runner.invoke(app, ["discriminator", "eval", str(out), "--data", str(data), "--base", str(tiny_model_dir)])
+    assert r.exit_code == 2 and "trained for base" in r.output and "Traceback" not in r.output
