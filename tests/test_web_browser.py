@@ -1,0 +1,88 @@
+"""A real browser on the web app: Debian's chromium driven by Playwright, on the shipped ShapesWorld model.
+
+Pick an example, click a handle and a target on the image, press Edit, and check that a result appears and differs from
+the input. A screenshot is kept as a test artifact (and, with LUCIDDRAG_UPDATE_DOCS=1, copied to docs/web-app.png).
+There is no skip: CI installs chromium (.ci/run); if it is missing this test fails and says how to install it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.web_server import running_app
+
+CHROMIUM = os.environ.get("LUCIDDRAG_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+DOCS_SHOT = Path(__file__).resolve().parents[1] / "docs" / "web-app.png"
+ARTIFACTS = Path(os.environ.get("LUCIDDRAG_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def _click_pixel(page, selector: str, px: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """Click the centre of image pixel `px` of the <img> under `selector`, wherever and however big it is drawn."""
+    box = page.eval_on_selector(selector, """img => { const r = img.getBoundingClientRect();
+        return {x: r.x, y: r.y, w: r.width, h: r.height, nw: img.naturalWidth, nh: img.naturalHeight}; }""")
+    scale = min(box["w"] / box["nw"], box["h"] / box["nh"])  # object-fit: contain
+    ox = box["x"] + (box["w"] - box["nw"] * scale) / 2
+    oy = box["y"] + (box["h"] - box["nh"] * scale) / 2
+    f = box["nw"] / image_size[0]  # display pixels per image pixel
+    page.mouse.click(ox + (px[0] + 0.5) * f * scale, oy + (px[1] + 0.5) * f * scale)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_click_to_drag_in_chromium(tmp_path):
+    assert Path(CHROMIUM).exists(), (
+        f"{CHROMIUM} not found: the browser test needs Debian's chromium (apt-get install -y chromium; .ci/run does "
+        "this) or LUCIDDRAG_CHROMIUM pointing at a Chromium binary")
+    from playwright.sync_api import expect, sync_playwright
+
+    from agent.web.examples import SHAPES_SCENES
+    from evals.shapesworld.world import render_scene
+
+    seed, n = SHAPES_SCENES[0]
+    scene = render_scene(seed, n_shapes=n)
+    cx, cy = (round(v) for v in scene.shapes[0].centroid)
+    target = (cx + 14 if cx < 32 else cx - 14, cy)
+
+    with running_app(tmp_path / "web") as (url, _app), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1250})
+            page.goto(url)
+            page.locator("#ld-examples button.thumbnail-item").first.click()
+            canvas = "#ld-canvas img"
+            page.wait_for_selector(canvas)
+            points = page.locator("#ld-points")
+            expect(points).to_contain_text("handle of drag 1", timeout=20_000)
+            _click_pixel(page, canvas, (cx, cy), scene.image.size)
+            expect(points).to_contain_text("target of drag 1", timeout=20_000)
+            _click_pixel(page, canvas, target, scene.image.size)
+            expect(points).to_contain_text(f"({cx}, {cy}) → ({target[0]}, {target[1]})", timeout=20_000)
+            page.locator("#ld-edit").click()
+            result = page.locator("#ld-result img")
+            expect(result).to_be_visible(timeout=180_000)
+            expect(page.locator("#ld-attempts button.thumbnail-item").first).to_be_visible(timeout=30_000)
+            expect(page.locator("#ld-status")).to_contain_text("px from its target", timeout=30_000)
+            body = page.request.get(result.get_attribute("src")).body()
+            shot = tmp_path / "web-app.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+
+    shown = Image.open(io.BytesIO(body)).convert("RGB")
+    assert shown.size[0] >= scene.image.size[0] * 4  # enlarged for display
+    edited = shown.resize(scene.image.size, Image.Resampling.NEAREST)
+    diff = np.abs(np.asarray(edited, dtype=float) - np.asarray(scene.image, dtype=float)).mean()
+    assert diff > 1.0, f"result looks identical to the input (mean abs diff {diff:.2f})"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "web-app.png")
+    if os.environ.get("LUCIDDRAG_UPDATE_DOCS") == "1":
+        shutil.copy(shot, DOCS_SHOT)
