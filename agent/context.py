@@ -46,7 +46,13 @@ class AgentContext:
     critic_block: int = 1
     critic_ensemble: int = 4
     min_quality: float | None = None
-    """Minimum discriminator P(real) to accept, when a discriminator is configured."""
+    """Minimum discriminator P(real) to accept, when a discriminator is configured (None: the threshold calibrated
+    and stored with the discriminator)."""
     discriminator: str | None = field(default_factory=lambda: _env("LUCIDDRAG_DISCRIMINATOR"))
+    w_quality: float | None = None
+    """Quality-guidance weight w_q while sampling, when a discriminator is configured (None: the discriminator's
+    recommended weight; 0: off)."""
+    quality_steps: int | None = None
+    """n2: quality guidance on the first n2 sampling steps (None: the discriminator's recommendation)."""
     artifacts_dir: str | None = None
     show_progress: bool = False

@@ -222,9 +222,9 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     if score["md_fraction"] > ctx.accept_md_fraction:
         reasons.append(f"handle landed {score['md_px']:.1f} px from target "
                        f"({score['md_fraction']:.0%} of the drag > {ctx.accept_md_fraction:.0%})")
-    quality = _quality(ctx, edited, current.target_prompt)
-    if quality is not None and ctx.min_quality is not None and quality < ctx.min_quality:
-        reasons.append(f"fidelity {quality:.2f} < {ctx.min_quality:.2f}")
+    quality, min_quality = _quality(ctx, edited, current.target_prompt)
+    if quality is not None and min_quality is not None and quality < min_quality:
+        reasons.append(f"fidelity {quality:.2f} < {min_quality:.2f}")
     verdict = "rejected" if reasons else "accepted"
     current = current.model_copy(update={**score, "quality": quality, "verdict": verdict,
                                          "reason": "; ".join(reasons) or "handle arrived"})
@@ -246,15 +246,17 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
                       "flagged as not accepted"}
 
 
-def _quality(ctx: AgentContext, image: Image.Image, prompt: str) -> float | None:
-    """Discriminator P(real) of the result, when a discriminator is configured (quality-guidance issue)."""
+def _quality(ctx: AgentContext, image: Image.Image, prompt: str) -> tuple[float | None, float | None]:
+    """Discriminator P(real) of the result and the acceptance threshold (ctx.min_quality, else the one calibrated
+    and stored with the discriminator), when a discriminator is configured; (None, None) otherwise."""
     if not ctx.discriminator:
-        return None
+        return None, None
     from agent.tools import get_editor
     from engine.discriminator import load_discriminator, score_image
 
     disc = load_discriminator(ctx.discriminator, get_editor(ctx).c)
-    return score_image(disc, get_editor(ctx).c, image, prompt)
+    threshold = ctx.min_quality if ctx.min_quality is not None else disc.config.threshold
+    return score_image(disc, get_editor(ctx).c, image, prompt), threshold
 
 
 def after_critique(state: AgentState) -> str:

@@ -47,8 +47,18 @@ def sample_intentions(ctx: AgentContext, image: Image.Image, drags: DragPoints, 
     req = EditRequest.create(image=image, points=flat_points(drags), mask=mask, steps=ctx.steps,
                              guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance)
     pairs = [(i.source_prompt, i.target_prompt) for i in intentions]
+    terms = quality_terms_for(ctx, editor)
     with _lock:  # one edit at a time per loaded model: the memory bank lives on the UNet's processors
-        return editor.edit(req, intentions=pairs, callback=progress)
+        return editor.edit(req, intentions=pairs, extra_terms=terms, callback=progress)
+
+
+def quality_terms_for(ctx: AgentContext, editor: DragEditor) -> list:
+    """Quality guidance (the discriminator as a guidance term) when a discriminator is configured."""
+    if not ctx.discriminator or ctx.w_quality == 0:
+        return []
+    from engine.discriminator import load_discriminator, quality_terms
+
+    return quality_terms(load_discriminator(ctx.discriminator, editor.c), ctx.w_quality, ctx.quality_steps)
 
 
 def score_drag(ctx: AgentContext, original: Image.Image, edited: Image.Image, drags: DragPoints,

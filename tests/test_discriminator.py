@@ -215,3 +215,35 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
     # against the wrong base: exit code 2 and one clear line, no traceback
     r = runner.invoke(app, ["discriminator", "eval", str(out), "--data", str(data), "--base", str(tiny_model_dir)])
     assert r.exit_code == 2 and "trained for base" in r.output and "Traceback" not in r.output
+
+
+def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_term(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    import agent.nodes as nodes
+    from agent.context import AgentContext
+    from agent.graph import build_graph
+    from agent.tools import get_editor, quality_terms_for
+    from evals.shapesworld.world import render_scene
+
+    sc = render_scene(5, n_shapes=1)
+    cx, cy = sc.shapes[0].centroid
+    pts = [(cx, cy), (min(cx + 12, 60), cy)]
+    monkeypatch.setattr(nodes, "score_drag", lambda ctx, o, e, d, prompt="": {
+        "tracked": [p.target for p in d.pairs], "md_px": 1.0, "md_fraction": 0.05})  # the drag always arrives
+    ctx = AgentContext(model=str(tiny_model_dir), device="cpu", steps=3, max_attempts=1, locator="offline",
+                       reasoner="offline", artifacts_dir=str(tmp_path / "art"), discriminator=str(tmp_path / "d"),
+                       w_quality=2.0, quality_steps=1)
+    disc = build_discriminator(get_editor(ctx).c)
+    disc.config.threshold = 1.0  # P(real) < 1 always: every result is rejected for fidelity
+    save_discriminator(disc, tmp_path / "d")
+    out = build_graph().invoke({"image": sc.image, "points": pts}, context=ctx)
+    att = out["attempts"][0]
+    assert out["accepted"] is False and "fidelity" in att.reason and 0 < att.quality < 1
+    ctx.min_quality = 0.0  # an explicit minimum overrides the stored threshold
+    out = build_graph().invoke({"image": sc.image, "points": pts}, context=ctx)
+    assert out["accepted"] is True
+    assert read_config(tmp_path / "d").threshold == 1.0
+    terms = quality_terms_for(ctx, get_editor(ctx))
+    assert len(terms) == 1 and terms[0].weight == 2.0 and terms[0].steps == 1
+    ctx.w_quality = 0.0
+    assert quality_terms_for(ctx, get_editor(ctx)) == []

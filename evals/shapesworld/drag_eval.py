@@ -6,7 +6,9 @@ Configurations (rows of the ablation table):
 - editing: editing guidance only (drag/inpaint/content energies, K/V memory bank, z_T patch copy), source prompt
   used for both inversion and sampling -- DragonDiffusion's configuration;
 - editing+semantic: the same plus the task's source -> target prompts (LucidDrag's semantic guidance);
-- (+quality rows are added by the discriminator module when one is available.)
+- editing+quality: editing guidance + quality guidance (the shipped fidelity discriminator, its recommended w_q, n2);
+- all: editing + semantic + quality guidance (LucidDrag's collaborative guidance).
+Quality rows take overrides after "@": "editing+quality@w=3,n=10" (w_q, n2), "...@region=edit".
 """
 
 from __future__ import annotations
@@ -28,10 +30,24 @@ from evals.shapesworld.tasks import DragTask, TaskSuite, default_suite
 OFF = dict(w_edit=0.0, w_content=0.0, w_inpaint=0.0, kv_injection=False, init_copy=False)
 
 
+def extra_terms_for(config: str, editor: DragEditor) -> list:
+    """Guidance terms beyond editing guidance for a configuration: quality guidance for "+quality" and "all"."""
+    name, _, opts = config.partition("@")
+    if "+quality" not in name and name != "all":
+        return []
+    from engine.discriminator import load_discriminator, quality_terms
+    from evals.shapesworld.discriminator_data import DISCRIMINATOR_DIR
+
+    kv = dict(o.split("=", 1) for o in opts.split(",") if "=" in o)
+    disc = load_discriminator(DISCRIMINATOR_DIR, editor.c)
+    return quality_terms(disc, float(kv["w"]) if "w" in kv else None, int(kv["n"]) if "n" in kv else None,
+                         region=kv.get("region", "all"))
+
+
 def config_request(task: DragTask, config: str, steps: int, guidance: GuidanceConfig, use_mask: bool,
                    seed: int = 0, guidance_scale: float = 5.0) -> EditRequest:
     """The engine request for one task under one ablation configuration."""
-    semantic = config.endswith("+semantic")
+    semantic = "+semantic" in config or config.startswith("all")
     g = guidance if config != "reconstruct" else GuidanceConfig(**{**guidance.model_dump(), **OFF})
     return EditRequest.create(
         image=task.scene().image, points=task.points, mask=task.editable_mask() if use_mask else None,
@@ -49,7 +65,7 @@ def run_config(editor: DragEditor, tasks: Sequence[DragTask], config: str, steps
     t0 = time.perf_counter()
     for task in tqdm(tasks, desc=config, disable=not progress, leave=False):
         req = config_request(task, config, steps, guidance, use_mask, guidance_scale=guidance_scale)
-        res = editor.edit(req)
+        res = editor.edit(req, extra_terms=extra_terms_for(config, editor))
         arr = np.asarray(res.image.convert("RGB"))
         scores.append(score_task(task, arr))
         if len(kept) < keep_images:
