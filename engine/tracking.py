@@ -23,22 +23,35 @@ from engine.preprocess import pil_to_tensor_array, scale_point, to_rgb, working_
 
 @torch.no_grad()
 def dift_features(c: Components, image: Image.Image, prompt: str, t: int, up_block: int, ensemble: int,
-                  seed: int = 42) -> torch.Tensor:
-    """(C, h, w) features of an RGB image already at a valid working size."""
+                  seed: int = 42, latent: str = "mean") -> torch.Tensor:
+    """(C, h, w) features of an RGB image already at a valid working size.
+
+    ``latent="sample"`` draws each ensemble member's latent from the VAE posterior, as DIFT's own code (and so
+    DragBench's Mean Distance) does; ``"mean"`` (the critic's default) uses the posterior mean for all members.
+    """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(c.scheduler_config)
     vae = c.vae
     x = torch.from_numpy(pil_to_tensor_array(image))[None].to(c.device, vae.dtype)
-    z = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).to(c.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dist = vae.encode(x).latent_dist
+    if latent == "sample":
+        eps = torch.randn((ensemble, *dist.mean.shape[1:]), generator=gen).to(c.device, dist.mean.dtype)
+        z = ((dist.mean + dist.std * eps) * vae.config.scaling_factor).to(c.dtype)
+    elif latent == "mean":
+        z = (dist.mean * vae.config.scaling_factor).to(c.dtype).expand(ensemble, -1, -1, -1)
+    else:
+        raise ValueError(f"latent must be 'mean' or 'sample', not {latent!r}")
     tok = c.tokenizer
     max_len = tok.model_max_length if tok.model_max_length and tok.model_max_length < 10_000 else 77
     ids = tok([prompt], padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
     emb = c.text_encoder(ids.to(c.device))[0].to(c.dtype)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if latent == "mean":  # same noise stream as before the "sample" option existed
+        gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((ensemble, *z.shape[1:]), generator=gen).to(c.device, c.dtype)
     tt = torch.full((ensemble,), int(t), device=c.device, dtype=torch.long)
-    noisy = sched.add_noise(z.expand(ensemble, -1, -1, -1), noise, tt)
+    noisy = sched.add_noise(z, noise, tt)
     tap = FeatureTap(c.unet, [up_block])
     try:
         with tap.capture() as feats:

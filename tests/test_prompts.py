@@ -17,6 +17,7 @@ from prompts import PromptError, list_templates, load_template, parse_label, par
 from prompts.cli import app
 from tools.locator import caption_variables, locator_variables
 from tools.reasoner import ReasonRequest, reasoner_variables, repair_variables
+from evals.dragbench.gscore import gscore_variables
 from tools.schemas import DragPoints, HandleDescription, LocatorResult
 
 PAPER_INSTRUCTION_START = ("You are a helpful assistant. Given the original description and human-select drag "
@@ -39,6 +40,7 @@ CODE_VARIABLES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "caption_image": lambda t: caption_variables((64, 48)),
     "repair_answer": lambda t: repair_variables("1 validation error", "{not json"),
     "chat_system": lambda t: chat_prompt_variables({"messages": []}),
+    "gscore_rate": lambda t: gscore_variables(3),
 }
 INTENTION_REASONER_TEMPLATES = {"reason_intentions", "locate_region", "caption_image", "repair_answer"}
 
