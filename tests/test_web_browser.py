@@ -52,7 +52,9 @@ def test_click_to_drag_in_chromium(tmp_path):
     cx, cy = (round(v) for v in scene.shapes[0].centroid)
     target = (cx + 14 if cx < 32 else cx - 14, cy)
 
-    with running_app(tmp_path / "web") as (url, _app), sync_playwright() as p:
+    docs = os.environ.get("LUCIDDRAG_UPDATE_DOCS") == "1"  # the README screenshot: the app's real defaults
+    settings = dict(steps=50, k=3, max_attempts=3, critic_ensemble=4) if docs else {}
+    with running_app(tmp_path / "web", **settings) as (url, _app), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1250})
@@ -62,10 +64,39 @@ def test_click_to_drag_in_chromium(tmp_path):
             page.wait_for_selector(canvas)
             points = page.locator("#ld-points")
             expect(points).to_contain_text("handle of drag 1", timeout=20_000)
+
+            # an error is shown in the page, and the session carries on
+            page.locator("#ld-edit").click()
+            expect(page.get_by_text("no drag yet").first).to_be_visible(timeout=20_000)
+
+            # editable region: paint the lower half of the picture (the shape and its target are there)
+            page.get_by_text("Editable region (optional)").click()
+            page.locator("#ld-mask canvas").first.wait_for(state="visible")
+            page.wait_for_timeout(1000)  # the editor lays out its image after it becomes visible
+            box = page.locator("#ld-mask canvas").first.bounding_box()
+            mid_x, mid_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            for row in range(6):  # strokes must start on the picture (it is centred, ~300 px wide)
+                y = mid_y + 8 + row * 22
+                page.mouse.move(mid_x - 110, y)
+                page.mouse.down()
+                page.mouse.move(mid_x + 110, y, steps=12)
+                page.mouse.up()
+            page.wait_for_timeout(800)  # the strokes reach the component's value asynchronously
+            page.get_by_role("button", name="Use region").click()
+            expect(points).to_contain_text("editable region set", timeout=20_000)
+            page.get_by_text("Editable region (optional)").click()  # fold it away again
+
             _click_pixel(page, canvas, (cx, cy), scene.image.size)
             expect(points).to_contain_text("target of drag 1", timeout=20_000)
             _click_pixel(page, canvas, target, scene.image.size)
             expect(points).to_contain_text(f"({cx}, {cy}) → ({target[0]}, {target[1]})", timeout=20_000)
+            shown_input = Image.open(io.BytesIO(page.request.get(page.get_attribute(canvas, "src")).body()))
+
+            # Reason: the intentions appear as choices; pick the first one
+            page.locator("#ld-reason").click()
+            options = page.locator("#ld-intent label")
+            expect(options).to_have_count(1 + settings.get("k", 2), timeout=60_000)
+            options.nth(1).click()
             page.locator("#ld-edit").click()
             result = page.locator("#ld-result img")
             expect(result).to_be_visible(timeout=180_000)
@@ -74,9 +105,17 @@ def test_click_to_drag_in_chromium(tmp_path):
             body = page.request.get(result.get_attribute("src")).body()
             shot = tmp_path / "web-app.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # the chat is the same session: it knows about the edit just made
+            page.locator("#ld-chat-in textarea").fill("undo")
+            page.locator("#ld-chat-in textarea").press("Enter")
+            expect(page.locator("#ld-chat")).to_contain_text("Undone", timeout=30_000)
         finally:
             browser.close()
 
+    # outside the painted region the input is shown dimmed
+    shown_input = np.asarray(shown_input.convert("RGB"), dtype=float)
+    assert shown_input[:150].mean() < 0.7 * shown_input[-100:].mean() or shown_input[:150].mean() < 120
     shown = Image.open(io.BytesIO(body)).convert("RGB")
     assert shown.size[0] >= scene.image.size[0] * 4  # enlarged for display
     edited = shown.resize(scene.image.size, Image.Resampling.NEAREST)
@@ -84,5 +123,5 @@ def test_click_to_drag_in_chromium(tmp_path):
     assert diff > 1.0, f"result looks identical to the input (mean abs diff {diff:.2f})"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "web-app.png")
-    if os.environ.get("LUCIDDRAG_UPDATE_DOCS") == "1":
+    if docs:
         shutil.copy(shot, DOCS_SHOT)

@@ -15,6 +15,7 @@ move the image panel and gallery. Drag edits from the panel run the drag graph (
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
 import tempfile
@@ -452,7 +453,7 @@ class WebApp:
                                     elem_classes=["ld-hint"])
                         c["editor"] = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=(), transforms=(),
                                                      layers=False, label="Paint the editable region",
-                                                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                                     brush=gr.Brush(colors=[("#1e90ff", 0.7)], color_mode="fixed", default_size=24),
                                                      eraser=gr.Eraser(), height=360, elem_id="ld-mask")
                         with gr.Row():
                             use_mask = gr.Button("Use region", size="sm")
@@ -523,11 +524,11 @@ class WebApp:
             # honest about waiting)
             reason.click(g(self.on_reason), [c["state"], c["prompt"], *settings],
                          [c["state"], c["intent"], c["status"]], api_name="reason", concurrency_id="engine",
-                         concurrency_limit=1)
+                         concurrency_limit=1, show_progress_on=[c["intent"]])
             edit.click(g(self.on_edit), [c["state"], c["prompt"], c["intent"], *settings], edit_out,
-                       api_name="edit", concurrency_id="engine", concurrency_limit=1)
+                       api_name="edit", concurrency_id="engine", concurrency_limit=1, show_progress_on=[c["result"]])
             c["chat_in"].submit(g(self.on_chat), [c["state"], c["chat_in"], *settings], chat_out, api_name="chat",
-                                concurrency_id="engine", concurrency_limit=1)
+                                concurrency_id="engine", concurrency_limit=1, show_progress_on=[c["chatbot"]])
         return demo
 
     def _guard(self, fn: Callable) -> Callable:
@@ -536,34 +537,46 @@ class WebApp:
         def to_gr(exc: Exception) -> gr.Error:
             if isinstance(exc, gr.Error):
                 return exc
-            if isinstance(exc, LucidDragError):
-                return gr.Error(self._scrub(str(exc)), title="Can't do that")
+            if isinstance(exc, LucidDragError):  # the user's to fix: a message, no server traceback
+                return gr.Error(self._scrub(str(exc)), title="Can't do that", print_exception=False)
             log.exception("unexpected error in %s", fn.__name__)
             return gr.Error(self._scrub(f"unexpected {type(exc).__name__}: {exc}"), title="Something broke")
 
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
-            def gen(*args: Any, **kwargs: Any):
+            def wrapper(*args: Any, **kwargs: Any):
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001 -- every failure must reach the page, not kill the session
                     raise to_gr(exc) from exc
-            return gen
-
-        @functools.wraps(fn)
-        def plain(*args: Any, **kwargs: Any):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001
-                raise to_gr(exc) from exc
-        return plain
+        else:
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001
+                    raise to_gr(exc) from exc
+        wrapper.__signature__ = _named_settings(inspect.signature(fn))  # type: ignore[attr-defined]
+        return wrapper
 
     def _scrub(self, text: str) -> str:
+        """Messages are rendered as HTML in the page: escape them, and never include the server's API key."""
         key = self.defaults.llm_api_key.get_secret_value() if self.defaults.llm_api_key else None
-        return text.replace(key, "***") if key else text
+        return html.escape(text.replace(key, "***") if key else text, quote=False)
 
 
 _AUTO_CHOICE = ("Auto — let the agent sample and critique", AUTO)
+
+
+def _named_settings(sig: inspect.Signature) -> inspect.Signature:
+    """`*settings` -> one named parameter per setting, so API clients see `model=`, `steps=` ... not `param_5`."""
+    params: list[inspect.Parameter] = []
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in SETTINGS_FIELDS]
+        else:
+            params.append(p)
+    return sig.replace(parameters=params)
 
 
 def _secret(value: str):
