@@ -295,6 +295,7 @@ def test_eval_dragbench_scores_results_with_every_metric_and_resumes(datasets: d
     assert res.exit_code == 2 and "different settings" in res.output
 
 
+@pytest.mark.slow  # ~15 s: a real (3-step) edit through the agent graph
 def test_eval_dragbench_edits_drag100_with_the_no_intention_method(datasets: dict[str, Path], tmp_path: Path) -> None:
     """A real (tiny) edit through the agent graph on the Drag100-format fixture, MD + DAI, then resume."""
     out = tmp_path / "run"
