@@ -192,6 +192,8 @@ def test_chat_offline_grammar_options_then_choice(server, scene_file):
     option2 = chat[-1].split("2) ", 1)[1].rsplit(" (", 1)[0]
     gallery, result, download, status, chat, canvas, points, *_ = c.predict("2", api_name="/chat")
     assert option2 in _gallery(gallery)[0]["caption"]
+    texts = _texts(chat)
+    assert "Which one did you mean?" in texts[-3] and texts[-2] == "2"  # question, answer, reply: in order
     assert f"({hx}, {hy}) → ({tx}, {ty})" in points  # the panel shows the chat's drag
     assert Image.open(result).size == (384, 384)
 

@@ -18,6 +18,7 @@ import functools
 import html
 import inspect
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from PIL import Image
 from agent.artifacts import ArtifactStore, ImageRef
 from agent.web.examples import bundled_examples, thumbnails
 from agent.web.session import (GalleryItem, Pending, Session, WebSettings, attempt_caption, check_points, enlarge,
-                               framed, points_from_text, render_canvas, to_image_px)
+                               display_size, framed, points_from_text, render_canvas, to_image_px)
 from engine.errors import InputError, LucidDragError
 
 log = logging.getLogger("luciddrag.web")
@@ -113,13 +114,12 @@ class WebApp:
             if isinstance(m, HumanMessage):
                 out.append({"role": "user", "content": str(m.content)})
             elif isinstance(m, AIMessage) and str(m.content).strip():
-                out.append({"role": "assistant", "content": str(m.content)})
+                # the chat graph names result files for terminal users; in the page the image is shown instead
+                text = _SERVER_PATH.sub("(shown in the image panel)", str(m.content))
+                out.append({"role": "assistant", "content": text})
         snap = self.chat.get_state(self._chat_cfg(sess))
         for intr in snap.interrupts or ():
-            opts = intr.value.get("intentions", [])
-            lines = [intr.value.get("question", "Which one?")]
-            lines += [f"{o['index']}) {o['intention']} ({o['confidence']:.0%})" for o in opts]
-            out.append({"role": "assistant", "content": "\n".join(lines) + "\n\nReply with a number, or say what you meant."})
+            out.append({"role": "assistant", "content": _question_text(intr.value)})
         return out
 
     def _canvas(self, sess: Session) -> Image.Image | None:
@@ -181,10 +181,16 @@ class WebApp:
         sess = self.session(sess)
         if sess.image is None:
             raise InputError("upload an image or pick an example first")
-        shown = render_canvas(sess.image, [], None).size
+        shown = display_size(sess.image.size)  # what the page shows; the click is in its pixels
         sess.points.append(to_image_px((float(evt.index[0]), float(evt.index[1])), sess.image.size, shown))
         sess.pending = None
         return self.ui(sess)
+
+    def on_clear_image(self, sess: Session | None) -> dict:
+        """The canvas's own x button: forget the image (the chat keeps its history; a new image resets it)."""
+        sess = self.session(sess)
+        sess.image, sess.image_ref, sess.points, sess.mask, sess.pending = None, None, [], None, None
+        return self.ui(sess, editor=None)
 
     def on_undo_point(self, sess: Session | None) -> dict:
         sess = self.session(sess)
@@ -377,9 +383,16 @@ class WebApp:
         cfg = self._chat_cfg(sess)
         before = self._chat_values(sess)
         before_image = _sha(before.get("image"))
-        waiting = bool(self.chat.get_state(cfg).interrupts)
-        inp: Any = Command(resume=text) if waiting else {"messages": [HumanMessage(content=text)]}
-        shown = self.transcript(sess) + ([{"role": "user", "content": text}])
+        shown = self.transcript(sess) + [{"role": "user", "content": text}]
+        pending = self.chat.get_state(cfg).interrupts
+        if pending:
+            # the answer to "which one did you mean?": put the question and the answer into the thread (so the
+            # conversation reads in order, now and after a reload), then resume the paused `ask` node with it
+            question = shown[-2]["content"] if len(shown) > 1 else _question_text(pending[0].value)
+            self.chat.update_state(cfg, {"messages": [AIMessage(content=question), HumanMessage(content=text)]})
+            inp: Any = Command(resume=text)
+        else:
+            inp = {"messages": [HumanMessage(content=text)]}
         yield {self.c["state"]: sess, self.c["chatbot"]: shown, self.c["chat_in"]: ""}
         run = sess.runs = sess.runs + 1
         attempts: list = []
@@ -398,8 +411,6 @@ class WebApp:
                         self._gallery_from(sess, run, attempts, update.get("accepted"))
                         yield {self.c["state"]: sess, self.c["gallery"]: self._gallery(sess)}
         after = self._chat_values(sess)
-        if waiting:  # the answer to the question is not a message in the thread: keep it visible anyway
-            self._record(sess, note=None, messages=[HumanMessage(content=f"(choice) {text}")])
         out = {self.c["state"]: sess, self.c["chatbot"]: self.transcript(sess)}
         if _sha(after.get("image")) != before_image and after.get("image") is not None:
             ref = ImageRef.model_validate(after["image"]) if isinstance(after["image"], dict) else after["image"]
@@ -513,6 +524,8 @@ class WebApp:
             c["canvas"].upload(g(self.on_upload), [c["state"], c["canvas"]], load_out, api_name="load_image")
             c["examples"].select(g(self.on_example), [c["state"]], load_out, api_name="load_example", **quick)
             c["canvas"].select(g(self.on_click), [c["state"]], ui, api_visibility="private", trigger_mode="multiple", **quick)
+            c["canvas"].clear(g(self.on_clear_image), [c["state"]], ui + [c["editor"]], api_visibility="private",
+                              **quick)
             undo.click(g(self.on_undo_point), [c["state"]], ui, api_name="undo_point", **quick)
             clear.click(g(self.on_clear_points), [c["state"]], ui, api_name="clear_points", **quick)
             points_btn.click(g(self.on_set_points), [c["state"], c["points_api"]], ui, api_name="set_points", **quick)
@@ -565,7 +578,15 @@ class WebApp:
         return html.escape(text.replace(key, "***") if key else text, quote=False)
 
 
+_SERVER_PATH = re.compile(r"(?<![\w/])/[^\s]+\.(?:png|jpg|jpeg|webp)")
 _AUTO_CHOICE = ("Auto — let the agent sample and critique", AUTO)
+
+
+def _question_text(value: dict) -> str:
+    """The chat's "which one did you mean?" interrupt as a message."""
+    lines = [value.get("question", "Which one did you mean?")]
+    lines += [f"{o['index']}) {o['intention']} ({o['confidence']:.0%})" for o in value.get("intentions", [])]
+    return "\n".join(lines) + "\n\nReply with a number, or say what you meant."
 
 
 def _named_settings(sig: inspect.Signature) -> inspect.Signature:
