@@ -40,37 +40,85 @@ def sample_at(feat: torch.Tensor, xy: torch.Tensor, image_size: tuple[int, int])
     return out[:, :, 0, :]
 
 
-def drag_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
-                offsets: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Mean over drags of 1 / (1 + 4 s(cur at target patch, ref at handle patch)) -> (B,).
+def _per_drag(offsets: torch.Tensor, n_drags: int) -> torch.Tensor:
+    """(K, 2) shared patch offsets or (P, K, 2) per-drag region offsets -> (P, K, 2)."""
+    return offsets[None].expand(n_drags, -1, -1) if offsets.dim() == 2 else offsets
 
-    Cells are compared one to one (target cell k against handle cell k), so the patch's layout moves too,
-    not only its average colour.
+
+def _weighted_mean(s: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (B, P, K) over K, counting only cells with weight > 0 (regions are padded to a common K)."""
+    if weights is None:
+        return s.mean(-1)
+    w = weights.to(s.dtype)[None]
+    return (s * w).sum(-1) / w.sum(-1).clamp_min(1e-6)
+
+
+def drag_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
+                offsets: torch.Tensor, image_size: tuple[int, int], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over drags of 1 / (1 + 4 s(cur at target cells, ref at handle cells)) -> (B,).
+
+    `offsets` are the cells around each handle: a square patch (K, 2) shared by all drags, or a whole region per drag
+    (P, K, 2) with validity `weights` (P, K). Cells are compared one to one (target cell k against handle cell k), so
+    the layout moves too, not only the average colour.
     """
-    k = offsets.shape[0]
-    t_xy = (targets[:, None, :] + offsets[None]).reshape(-1, 2)
-    h_xy = (handles[:, None, :] + offsets[None]).reshape(-1, 2)
+    off = _per_drag(offsets, handles.shape[0])
+    p, k = off.shape[:2]
+    t_xy = (targets[:, None, :] + off).reshape(-1, 2)
+    h_xy = (handles[:, None, :] + off).reshape(-1, 2)
     s = similarity(sample_at(cur, t_xy, image_size), sample_at(ref, h_xy, image_size))  # (B, P*K)
-    s = s.view(s.shape[0], -1, k).mean(-1)  # (B, P)
+    s = _weighted_mean(s.view(s.shape[0], p, k), weights)  # (B, P)
     return (1.0 / (1.0 + 4.0 * s)).mean(-1)
 
 
-def inpaint_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
-                   offsets: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Mean similarity of the vacated handle patch to its old content -> (B,). High = a ghost stays behind.
+def vacated_cells(handles: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, cell: float,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 2) handle cells that no moved cell covers: where the dragged content was and should no longer be.
 
-    Cells of the handle patch that fall inside the target patch are left out: there the content *should* stay.
+    A handle cell is covered when a moved cell (target + offset) lies within half a cell of it (max-norm): there
+    the content *should* stay.
     """
-    half = offsets.abs().max() if offsets.numel() else torch.tensor(0.0)
-    h_xy = handles[:, None, :] + offsets[None]  # (P, K, 2)
-    # distance of each handle cell to every target patch, in the max-norm (patches are squares)
-    d = (h_xy[:, :, None, :] - targets[None, None, :, :]).abs().amax(-1)  # (P, K, P)
-    keep = (d > half + 1e-3).all(-1).reshape(-1)  # (P*K,)
-    if not bool(keep.any()):
+    off = _per_drag(offsets, handles.shape[0])
+    valid = torch.ones(off.shape[:2], dtype=torch.bool, device=off.device) if weights is None else weights > 0
+    h_xy = (handles[:, None, :] + off)[valid]  # (N, 2)
+    moved = (targets[:, None, :] + off)[valid]  # (M, 2)
+    if h_xy.numel() == 0:
+        return h_xy
+    d = (h_xy[:, None, :] - moved[None, :, :]).abs().amax(-1)  # (N, M)
+    return h_xy[(d > cell / 2 + 1e-3).all(-1)]
+
+
+def inpaint_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
+                   offsets: torch.Tensor, image_size: tuple[int, int], cell: float | None = None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean similarity of the vacated handle cells to their old content -> (B,). High = a ghost stays behind."""
+    if cell is None:  # the patch's own spacing: the smallest non-zero offset
+        nz = offsets.abs()[offsets.abs() > 0]
+        cell = float(nz.min()) if nz.numel() else 1.0
+    xy = vacated_cells(handles, targets, offsets, cell, weights)
+    if xy.shape[0] == 0:
         return cur.new_zeros(cur.shape[0])
-    xy = h_xy.reshape(-1, 2)[keep]
     s = similarity(sample_at(cur, xy, image_size), sample_at(ref, xy, image_size))
     return s.mean(-1)
+
+
+def region_offsets(region: torch.Tensor, handle: torch.Tensor, cell: float, max_cells: int) -> torch.Tensor:
+    """(K, 2) offsets from `handle` to the centres of the `cell`-pixel grid cells inside `region` (H, W bool).
+
+    At most `max_cells`, taken evenly over the region (row-major), so the cost stays bounded for big objects.
+    """
+    h, w = region.shape
+    ys = torch.arange(cell / 2 - 0.5, h, cell, device=region.device)
+    xs = torch.arange(cell / 2 - 0.5, w, cell, device=region.device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    iy = gy.round().long().clamp(0, h - 1)
+    ix = gx.round().long().clamp(0, w - 1)
+    inside = region[iy, ix]
+    pts = torch.stack([gx[inside], gy[inside]], -1)
+    if pts.shape[0] == 0:  # region thinner than a cell: the handle itself
+        return torch.zeros(1, 2, device=region.device)
+    if pts.shape[0] > max_cells:
+        pts = pts[torch.linspace(0, pts.shape[0] - 1, max_cells, device=region.device).round().long()]
+    return pts - handle[None]
 
 
 def content_energy(cur: torch.Tensor, ref: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

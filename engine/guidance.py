@@ -25,7 +25,9 @@ class Geometry:
     targets: torch.Tensor  # (P, 2) pixels
     editable: torch.Tensor  # (H, W) float 0/1: where the edit may act
     image_size: tuple[int, int]  # (W, H) working pixels
-    offsets: torch.Tensor  # (K, 2) patch offsets in pixels
+    offsets: torch.Tensor  # (K, 2) patch offsets, or (P, K, 2) per-drag region offsets, in pixels
+    cell: float = 1.0  # spacing of the patch/region grid in pixels
+    weights: torch.Tensor | None = None  # (P, K) validity of region cells (regions are padded to one K)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class DragTerm:
     def energy(self, ctx: GuidanceContext) -> torch.Tensor:
         g = ctx.geometry
         return self.weight * _over_blocks(
-            ctx, lambda c, r: E.drag_energy(c, r, g.handles, g.targets, g.offsets, g.image_size)
+            ctx, lambda c, r: E.drag_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.weights)
         )
 
 
@@ -96,7 +98,7 @@ class InpaintTerm:
     def energy(self, ctx: GuidanceContext) -> torch.Tensor:
         g = ctx.geometry
         return self.weight * _over_blocks(
-            ctx, lambda c, r: E.inpaint_energy(c, r, g.handles, g.targets, g.offsets, g.image_size)
+            ctx, lambda c, r: E.inpaint_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.cell, g.weights)
         )
 
 

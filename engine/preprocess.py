@@ -100,11 +100,11 @@ def validate_drags(drags: Sequence[DragPair], size: tuple[int, int]) -> None:
             raise InputError(f"drag {i}: handle and target are the same point {d.handle}: a drag needs a length")
 
 
-def load_mask(src: Any, size: tuple[int, int]) -> np.ndarray:
+def load_mask(src: Any, size: tuple[int, int], what: str = "mask") -> np.ndarray:
     """Editable-region mask -> HxW bool at the image's size; nonzero (or opaque, for RGBA masks) = editable."""
-    im = open_image(src, what="mask")
+    im = open_image(src, what=what)
     if im.size != tuple(size):
-        raise InputError(f"mask is {im.size[0]}x{im.size[1]} but the image is {size[0]}x{size[1]}: they must match")
+        raise InputError(f"{what} is {im.size[0]}x{im.size[1]} but the image is {size[0]}x{size[1]}: they must match")
     if im.mode in ("RGBA", "LA"):
         arr = np.asarray(im.getchannel("A")) > 127
         if arr.all():  # a fully opaque RGBA mask carries its meaning in the colour channels
@@ -114,8 +114,22 @@ def load_mask(src: Any, size: tuple[int, int]) -> np.ndarray:
     else:
         arr = np.asarray(im.convert("L")) > 127
     if not arr.any():
-        raise InputError("mask is empty: paint the region that may change (white = editable)")
+        raise InputError(f"{what} is empty: paint the region that may change (white = editable)")
     return arr
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int], wsize: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask; a mask of a few pixels that vanishes keeps its centre pixel."""
+    if tuple(size) == tuple(wsize):
+        return mask.copy()
+    m = Image.fromarray(mask.astype(np.uint8) * 255).resize(wsize, Image.Resampling.NEAREST)
+    out = np.asarray(m) > 127
+    if not out.any():
+        ys, xs = np.nonzero(mask)
+        cx, cy = scale_point((xs.mean(), ys.mean()), size, wsize)
+        out = out.copy()
+        out[min(int(cy), wsize[1] - 1), min(int(cx), wsize[0] - 1)] = True
+    return out
 
 
 @dataclass
@@ -128,9 +142,11 @@ class Prepared:
     alpha: Image.Image | None  # original alpha, re-attached to results
     drags: list[DragPair]  # in working pixels
     mask: np.ndarray | None  # HxW bool at working size, or None (auto mask)
+    handle_masks: list[np.ndarray | None] | None = None  # per drag: the region moving with the handle
 
 
-def prepare(image: Any, drags: Sequence[DragPair], mask: Any | None, native: int, multiple: int) -> Prepared:
+def prepare(image: Any, drags: Sequence[DragPair], mask: Any | None, native: int, multiple: int,
+            handle_masks: Sequence[Any | None] | None = None) -> Prepared:
     """Validate and resize everything consistently. Raises InputError with one clear line on bad input."""
     im = open_image(image)
     rgb, alpha = to_rgb(im)
@@ -139,20 +155,20 @@ def prepare(image: Any, drags: Sequence[DragPair], mask: Any | None, native: int
         raise InputError(f"image is {size[0]}x{size[1]}: too small, each side must be at least {MIN_SIDE} px")
     validate_drags(drags, size)
     mask_arr = load_mask(mask, size) if mask is not None else None
+    if handle_masks is not None and len(handle_masks) != len(drags):
+        raise InputError(f"got {len(handle_masks)} handle masks for {len(drags)} drags: give one per drag (or None)")
+    regions = None
+    if handle_masks is not None:
+        regions = [None if m is None else load_mask(m, size, what=f"handle mask {i + 1}")
+                   for i, m in enumerate(handle_masks)]
     wsize = working_size(size[0], size[1], native, multiple)
     work = rgb if wsize == size else rgb.resize(wsize, Image.Resampling.LANCZOS)
     wdrags = [
         DragPair(handle=scale_point(d.handle, size, wsize), target=scale_point(d.target, size, wsize)) for d in drags
     ]
-    wmask = None
-    if mask_arr is not None:
-        m = Image.fromarray(mask_arr.astype(np.uint8) * 255).resize(wsize, Image.Resampling.NEAREST)
-        wmask = np.asarray(m) > 127
-        if not wmask.any():  # a mask of a few pixels can vanish when shrunk; keep at least its nearest pixel
-            ys, xs = np.nonzero(mask_arr)
-            cy, cx = scale_point((xs.mean(), ys.mean()), size, wsize)[::-1]
-            wmask[int(round(cy)), int(round(cx))] = True
-    return Prepared(work, size, wsize, alpha, wdrags, wmask)
+    wmask = resize_mask(mask_arr, size, wsize) if mask_arr is not None else None
+    wregions = None if regions is None else [None if r is None else resize_mask(r, size, wsize) for r in regions]
+    return Prepared(work, size, wsize, alpha, wdrags, wmask, wregions)
 
 
 def restore(result: Image.Image, prepared: Prepared) -> Image.Image:

@@ -53,7 +53,15 @@ class GuidanceConfig(BaseModel):
     kv_injection: bool = Field(True, description="Inject the inversion's self-attention K/V into the decoder.")
     kv_start_step: int = Field(5, ge=0, description="First sampling step that uses the memory bank's K/V.")
     kv_mode: Literal["concat", "replace"] = Field("concat", description="concat: attend to own + memory K/V.")
-    init_copy: bool = Field(True, description="Copy the handle's latent patch onto the target in z_T.")
+    init_copy: bool = Field(True, description="Copy the handle's latent patch (or handle region) onto the target in z_T.")
+    vacate_noise: float = Field(
+        1.0, ge=0, le=1, description="With init_copy and a handle region: fresh noise mixed into the z_T cells the "
+                                     "region left (against ghosts).")
+    blend_outside: bool = Field(
+        True, description="Outside the editable region, pin each sampling step to the inversion's latent of that "
+                          "step, so the unedited part reproduces the input exactly (up to the VAE).")
+    max_region_cells: int = Field(
+        192, ge=1, description="Handle regions are sampled on the patch grid; at most this many cells per drag.")
     auto_mask_radius: float = Field(
         0.5, gt=0, description="No user mask: editable region = capsule around each drag, radius x drag length."
     )
@@ -68,6 +76,9 @@ class EditRequest(BaseModel):
     image: Any = Field(description="Path, PIL.Image or HxWxC uint8 array.")
     drags: list[DragPair] = Field(min_length=1)
     mask: Any | None = Field(None, description="Editable region: path, PIL.Image or HxW array; nonzero = editable.")
+    handle_masks: list[Any | None] | None = Field(
+        None, description="Per drag (or None): the region that moves with the handle, e.g. the locator's object "
+                          "mask. The drag energy then moves that whole region, not just a patch around the point.")
     source_prompt: str = ""
     target_prompt: str = ""
     seed: int = 0

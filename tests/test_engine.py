@@ -202,3 +202,81 @@ def test_not_a_checkpoint_and_missing_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="huggingface-cli download"):
         load_components("nobody/no-such-model-luciddrag", device="cpu")
+
+
+# --- handle regions, vacated noise, pinned outside -------------------------------------------------------------
+
+
+def test_region_offsets_cover_the_region_on_the_cell_grid():
+    region = torch.zeros(32, 32, dtype=torch.bool)
+    region[8:16, 4:20] = True  # 8 x 16 px
+    off = E.region_offsets(region, torch.tensor([10.0, 10.0]), cell=2.0, max_cells=1000)
+    assert off.shape == (4 * 8, 2)  # one cell per 2x2 px block
+    pts = off + torch.tensor([10.0, 10.0])
+    assert bool(((pts[:, 0] >= 4) & (pts[:, 0] < 20) & (pts[:, 1] >= 8) & (pts[:, 1] < 16)).all())
+    capped = E.region_offsets(region, torch.tensor([10.0, 10.0]), cell=2.0, max_cells=5)
+    assert capped.shape == (5, 2)
+
+
+def test_vacated_cells_are_the_handle_cells_the_moved_region_does_not_cover():
+    off = torch.tensor([[x, 0.0] for x in (0.0, 2.0, 4.0, 6.0)])  # a 4-cell bar, cells 2 px apart
+    left = E.vacated_cells(torch.tensor([[0.0, 0.0]]), torch.tensor([[4.0, 0.0]]), off, cell=2.0)
+    assert sorted(left[:, 0].tolist()) == [0.0, 2.0]  # the bar moved 2 cells right: its first two cells are empty
+    assert E.vacated_cells(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0]]), off, cell=2.0).shape[0] == 0
+
+
+def test_region_drag_energy_compares_the_whole_region():
+    ref = torch.randn(1, 8, 16, 16)
+    shifted = torch.roll(ref, shifts=3, dims=-1)  # content moved 3 feature cells (= 6 px) right
+    region = torch.zeros(32, 32, dtype=torch.bool)
+    region[10:20, 6:14] = True
+    h = torch.tensor([[10.0, 14.0]])
+    off = E.region_offsets(region, h[0], cell=2.0, max_cells=500)[None]
+    w = torch.ones(off.shape[:2])
+    moved = E.drag_energy(shifted, ref, h, h + torch.tensor([6.0, 0.0]), off, (32, 32), w)
+    stayed = E.drag_energy(ref, ref, h, h + torch.tensor([6.0, 0.0]), off, (32, 32), w)
+    assert float(moved) < float(stayed)
+    assert float(moved) == pytest.approx(0.2, abs=1e-4)  # perfect correspondence: 1 / (1 + 4)
+
+
+def test_copy_region_moves_every_cell_and_renoises_what_it_left():
+    from engine.pipeline import copy_patches
+
+    z = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
+    region = np.zeros((32, 32), bool)
+    region[4:12, 4:12] = True  # latent cells (1..2, 1..2) at scale 4
+    out = copy_patches(z, torch.tensor([[6.0, 6.0]]), torch.tensor([[14.0, 6.0]]), scale=4, radius=1,
+                       regions=[region], vacate=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[0, 0, 1:3, 3:5], z[0, 0, 1:3, 1:3])  # moved 2 latent cells right
+    assert not torch.equal(out[0, 0, 1:3, 1:3], z[0, 0, 1:3, 1:3])  # the vacated cells got fresh noise
+    untouched = torch.ones(8, 8, dtype=torch.bool)
+    untouched[1:3, 1:5] = False
+    assert torch.equal(out[0, 0][untouched], z[0, 0][untouched])
+
+
+def test_blend_outside_pins_the_unedited_region_to_the_input_latent(tiny_editor):
+    mask = np.zeros((40, 48), np.uint8)
+    mask[4:28, 4:32] = 255
+    req = _req(mask=mask, guidance=GuidanceConfig(w_edit=300, edit_steps=4), steps=6)
+    res = tiny_editor.edit(req)
+    prep_image = tiny_editor_prepared(tiny_editor, req)
+    z0 = tiny_editor._encode_image(prep_image).float().cpu()
+    free = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None],
+                                                   z0.shape[-2:])[0, 0] == 0
+    assert bool(free.any())
+    assert torch.allclose(res.latents[0][:, free], z0[0][:, free], atol=1e-5)
+    loose = tiny_editor.edit(_req(mask=mask, guidance=GuidanceConfig(w_edit=300, edit_steps=4, blend_outside=False),
+                                  steps=6))
+    assert not torch.allclose(loose.latents[0][:, free], z0[0][:, free], atol=1e-3)
+
+
+def test_handle_masks_are_validated_and_change_the_edit(tiny_editor):
+    region = np.zeros((40, 48), np.uint8)
+    region[4:18, 4:18] = 255
+    with pytest.raises(InputError, match="handle masks for 1 drags"):
+        tiny_editor.edit(_req(handle_masks=[region, region]))
+    with pytest.raises(InputError, match="handle mask 1 is 10x10"):
+        tiny_editor.edit(_req(handle_masks=[np.full((10, 10), 255, np.uint8)]))
+    a = tiny_editor.edit(_req(steps=4, guidance=GuidanceConfig(edit_steps=3)))
+    b = tiny_editor.edit(_req(steps=4, guidance=GuidanceConfig(edit_steps=3), handle_masks=[region]))
+    assert not torch.allclose(a.latents, b.latents)
