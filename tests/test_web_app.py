@@ -221,3 +221,39 @@ def test_api_key_is_never_sent_to_the_page(tmp_path):
         config = httpx.get(url + "config", timeout=30).text
         assert "LucidDrag" in config and "http://127.0.0.1:9/v1" in config  # the endpoint is shown, the key is not
         assert secret not in page and secret not in config
+        assert json.loads(config)["analytics_enabled"] is False  # no usage reports to third parties
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_edit_reports_every_step_and_streams_attempts(server, scene_file):
+    """The Edit handler itself: per-step progress (inversion and sampling) and the gallery updated while it runs."""
+    from agent.web.session import Session
+
+    _, app = server
+    sc, _, pts = scene_file
+    sess = Session.new(app.root)
+    app._load(sess, sc.image, None, "test image")
+    sess.points = list(pts)
+    calls = []
+
+    def progress(value, desc=None, unit=None, **_):
+        calls.append((value, desc))
+
+    settings = tuple(app.defaults.model_dump().get(k) for k in app_settings_fields())
+    updates = list(app.on_edit(sess, "", "auto", *settings, progress=progress))
+    steps = [v for v, _ in calls if isinstance(v, tuple)]
+    total = app.defaults.steps
+    assert [s for s in steps if s[1] == total][:total] == [(k, total) for k in range(1, total + 1)]  # inversion
+    assert len(steps) >= 2 * total and any("sampling" in (d or "") for _, d in calls)
+    galleries = [u[app.c["gallery"]] for u in updates if app.c["gallery"] in u]
+    assert len(galleries) >= 3  # cleared, then each attempt as it is sampled and judged, then the final labels
+    final = updates[-1]
+    assert app.c["result"] in final and sess.result_path.exists()
+    sess.close()
+
+
+def app_settings_fields():
+    from agent.web.app import SETTINGS_FIELDS
+
+    return SETTINGS_FIELDS

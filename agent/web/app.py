@@ -440,7 +440,8 @@ class WebApp:
         self.c = c
         thumbs = thumbnails(self.examples, self.root / "examples")
         d = self.defaults
-        with gr.Blocks(title="LucidDrag", fill_width=True) as demo:
+        # analytics off: a local editing tool should not report usage to a third party
+        with gr.Blocks(title="LucidDrag", fill_width=True, analytics_enabled=False) as demo:
             gr.Markdown("## LucidDrag — drag to edit, it works out what you mean\n"
                         "<span class='ld-hint'>Click a **handle** on the image, then its **target** (repeat for more "
                         "drags) · optional: paint the region that may change, describe the image, **Reason** to see "
