@@ -250,7 +250,8 @@ def test_edit_reports_every_step_and_streams_attempts(server, scene_file):
     assert len(galleries) >= 3  # cleared, then each attempt as it is sampled and judged, then the final labels
     final = updates[-1]
     assert app.c["result"] in final and sess.result_path.exists()
-    sess.close()
+    app.drop_session(sess)  # what a closed tab triggers
+    assert not sess.dir.exists() and not app._chat_values(sess)
 
 
 def app_settings_fields():

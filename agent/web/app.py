@@ -80,6 +80,18 @@ class WebApp:
     def session(self, sess: Session | None) -> Session:
         return sess if sess is not None else Session.new(self.root)
 
+    def drop_session(self, sess: Session | None) -> None:
+        """Tab closed or session expired: delete its images and its threads' checkpoints (memory, or the db)."""
+        if sess is None:
+            return
+        sess.close()
+        threads = [sess.chat_thread] + [f"web-{sess.id}-edit-{n}" for n in range(1, sess.runs + 1)]
+        for tid in threads:
+            try:
+                self.checkpointer.delete_thread(tid)
+            except Exception:  # noqa: BLE001 -- cleanup is best effort; a saver without delete keeps its rows
+                log.debug("could not delete thread %s", tid, exc_info=True)
+
     def settings(self, values: tuple) -> WebSettings:
         raw = dict(zip(SETTINGS_FIELDS, values))
         key = raw.pop("llm_api_key", None)
@@ -446,7 +458,7 @@ class WebApp:
                         "<span class='ld-hint'>Click a **handle** on the image, then its **target** (repeat for more "
                         "drags) · optional: paint the region that may change, describe the image, **Reason** to see "
                         "what the drag could mean · **Edit**. Or just tell the chat.</span>")
-            c["state"] = gr.State(None, time_to_live=6 * 3600, delete_callback=_close_session)
+            c["state"] = gr.State(None, time_to_live=6 * 3600, delete_callback=self.drop_session)
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3, min_width=360):
                     c["canvas"] = gr.Image(label="Image — click a handle, then its target", type="pil", format="png",
@@ -613,11 +625,6 @@ def _sha(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("sha256")
     return None
-
-
-def _close_session(sess: Session | None) -> None:
-    if sess is not None:
-        sess.close()
 
 
 def _critic_for(model: str) -> dict:
