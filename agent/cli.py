@@ -65,8 +65,10 @@ def _quiet_libraries() -> None:
 
 
 def _context(model, device, steps, seed, k, attempts, locator, reasoner, **kw):
-    from agent.context import AgentContext
+    from agent.context import AgentContext, model_defaults
 
+    # the model folder's own recommendations (luciddrag.json) first; what the user typed wins
+    kw = {**model_defaults(model or AgentContext().model), **kw}
     ctx = AgentContext(steps=steps, seed=seed, k=k, max_attempts=attempts, locator=locator, reasoner=reasoner,
                        show_progress=True, **kw)
     if model:
@@ -168,20 +170,11 @@ def demo(
     sc.image.save(src)
     typer.echo(f"scene: {sc.caption!r}; dragging {points[0]} -> {points[1]}")
     try:
-        ctx = _context(str(MODEL_DIR), "cpu", steps, 0, 3, 3, "offline", "offline", **_shapes_critic())
+        # most likely intention first (the paper samples by confidence; `edit --selection sample` does that)
+        ctx = _context(str(MODEL_DIR), "cpu", steps, 0, 3, 3, "offline", "offline", selection="argmax")
         _run_agent(src, points, None, sc.caption, None, ctx, out_dir / "result.png")
     except LucidDragError as exc:
         _fail(str(exc))
-
-
-def _shapes_critic() -> dict:
-    """Critic settings calibrated for the ShapesWorld model (see docs/shapesworld/critic.json when present)."""
-    import json as _json
-
-    from evals.shapesworld import MODEL_DIR
-
-    path = MODEL_DIR / "critic.json"
-    return _json.loads(path.read_text()) if path.exists() else {}
 
 
 @app.command()

@@ -29,6 +29,9 @@ class AgentContext:
     guidance_scale: float = 5.0
     seed: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    handle_regions: Literal["auto", "always", "never"] = "auto"
+    """Move the locator's whole object region with the handle ('auto': for intentions that move an object; a
+    deformation such as 'make it bigger' drags only a patch around the point)."""
     batch_intentions: Literal["auto", "on", "off"] = "auto"
     """Sample every intention in one batch on the first attempt (nearly free on a GPU; 'auto' = on with CUDA)."""
     # reasoning
@@ -56,3 +59,26 @@ class AgentContext:
     """n2: quality guidance on the first n2 sampling steps (None: the discriminator's recommendation)."""
     artifacts_dir: str | None = None
     show_progress: bool = False
+
+
+MODEL_SETTINGS_FILE = "luciddrag.json"
+_CONTEXT_KEYS = {"guidance_scale", "steps", "accept_md_fraction", "critic_timestep", "critic_block", "critic_ensemble",
+                 "min_quality", "w_quality", "quality_steps", "handle_regions"}
+
+
+def model_defaults(model: str | os.PathLike | None) -> dict[str, Any]:
+    """AgentContext overrides recommended for a model folder (its `luciddrag.json`), e.g. the ShapesWorld model's
+    measured CFG scale, guidance weights and critic calibration. Hub ids and folders without the file give {}."""
+    import json
+    from pathlib import Path
+
+    if not model:
+        return {}
+    path = Path(model) / MODEL_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    out: dict[str, Any] = {k: v for k, v in raw.items() if k in _CONTEXT_KEYS}
+    if "guidance" in raw:
+        out["guidance"] = GuidanceConfig(**raw["guidance"])
+    return out

@@ -180,6 +180,40 @@ def _batch(ctx: AgentContext) -> bool:
     return ctx.batch_intentions == "on"
 
 
+MOVE_VERBS = ("move", "shift", "slide", "relocate", "translate", "reposition", "carry", "bring", "put", "place")
+MAX_REGION_FRACTION = 0.5  # a "region" over half the image is the background or a failed segmentation, not an object
+
+
+def moves_object(intention: Intention, ctx: AgentContext) -> bool:
+    """Does this intention move a whole object (drag the locator's region) rather than deform a part of it?
+
+    'auto' reads the intention's leading verb: "move the circle to the right" moves; "make the circle bigger" or
+    "raise the horse's head" deforms around the handle point.
+    """
+    if ctx.handle_regions != "auto":
+        return ctx.handle_regions == "always"
+    words = re.findall(r"[a-z]+", intention.intention.lower())
+    return bool(words) and words[0] in MOVE_VERBS
+
+
+def handle_regions(located: Any, size: tuple[int, int]) -> list[np.ndarray | None] | None:
+    """The locator's object mask under each handle (None where it has only a box or an implausible region)."""
+    from tools.schemas import rle_to_mask
+
+    if located is None:
+        return None
+    w, h = size
+    out: list[np.ndarray | None] = []
+    for d in sorted(located.descriptions, key=lambda d: d.index):
+        region = d.region
+        if region is None or not region.mask_rle:
+            out.append(None)
+            continue
+        m = rle_to_mask(region.mask_rle, h, w)
+        out.append(m if 0 < m.mean() <= MAX_REGION_FRACTION else None)
+    return out if any(m is not None for m in out) else None
+
+
 def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     """Sampler tool: edit with the selected intention (or, batched, with every untried one at once)."""
     ctx = runtime.context
@@ -188,15 +222,19 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     prepared = dict(state.get("prepared") or {})
     t0 = time.perf_counter()
     if k not in prepared:
+        moves = moves_object(intentions[k], ctx)
         todo = [k]
-        if _batch(ctx):
-            todo += [j for j in range(len(intentions)) if j != k and j not in state.get("tried", [])]
+        if _batch(ctx):  # one batch shares one drag geometry: batch only intentions that drag the same way
+            todo += [j for j in range(len(intentions)) if j != k and j not in state.get("tried", [])
+                     and moves_object(intentions[j], ctx) == moves]
 
         def progress(ev):
             _emit(runtime, node="sample", phase=ev.phase, step=ev.step, total=ev.total, intention=intentions[k].intention)
 
-        res = sample_intentions(ctx, _image(state["image"]), state["drags"], _mask_array(state),
-                                [intentions[j] for j in todo], progress)
+        image = _image(state["image"])
+        regions = handle_regions(state.get("located"), image.size) if moves else None
+        res = sample_intentions(ctx, image, state["drags"], _mask_array(state),
+                                [intentions[j] for j in todo], progress, regions=regions)
         store = _store(runtime)
         for j, im in zip(todo, res.images):
             prepared[j] = store.put_image(im)

@@ -154,3 +154,36 @@ def test_crash_resume_from_sqlite_and_db_stays_small(scene, ctx, monkeypatch, tm
     assert b"\x89PNG" not in blob and sc.image.tobytes()[:64] not in blob
     conn.close()
     assert db.stat().st_size < 200_000
+
+
+def test_move_intentions_drag_the_located_object_region():
+    import numpy as np
+
+    from agent.context import AgentContext
+    from agent.nodes import handle_regions, moves_object
+    from tools.schemas import Intention, LocatorResult, mask_to_rle
+
+    def it(text):
+        return Intention(intention=text, source_prompt="a", target_prompt="b", confidence=0.5)
+
+    auto = AgentContext(handle_regions="auto")
+    assert moves_object(it("move the red circle to the right"), auto)
+    assert moves_object(it("Shift the cup left"), auto)
+    assert not moves_object(it("make the red circle bigger"), auto)
+    assert not moves_object(it("raise the horse's head"), auto)
+    assert moves_object(it("make it bigger"), AgentContext(handle_regions="always"))
+    assert not moves_object(it("move it"), AgentContext(handle_regions="never"))
+
+    obj = np.zeros((20, 30), bool)
+    obj[5:10, 5:12] = True
+    located = LocatorResult.model_validate({
+        "backend": "test", "image_size": [30, 20], "descriptions": [
+            {"index": 0, "handle": [8, 7], "description": "a red square", "region": {
+                "box": [5, 5, 12, 10], "source": "segmentation", "mask_rle": mask_to_rle(obj)}},
+            {"index": 1, "handle": [25, 15], "description": "background", "region": {
+                "box": [0, 0, 30, 20], "source": "region-grow", "mask_rle": mask_to_rle(np.ones((20, 30), bool))}},
+        ]})
+    regions = handle_regions(located, (30, 20))
+    assert regions is not None and np.array_equal(regions[0], obj)
+    assert regions[1] is None  # the whole image is not an object
+    assert handle_regions(None, (30, 20)) is None
