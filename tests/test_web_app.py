@@ -176,6 +176,9 @@ def test_reason_then_pick_an_intention(server, scene_file):
     gallery, *_ = c.predict("", value, api_name="/edit")
     wanted = label.split(". ", 1)[1].rsplit(" — ", 1)[0]
     assert wanted in _gallery(gallery)[0]["caption"]
+    # Edit again with the same drag and pick: the reasoned intention is used directly, not re-drawn
+    gallery, _, _, status, _ = c.predict("", value, api_name="/edit")
+    assert wanted in _gallery(gallery)[0]["caption"] and "reasoned again" not in status
 
 
 @pytest.mark.slow

@@ -300,16 +300,20 @@ class WebApp:
         ctx = self.context(sess, s)
         sig = sess.signature(prompt)
         warnings: list[str] = []
-        if sess.pending is not None and sess.pending.signature == sig:
-            thread = sess.pending.thread_id
-            pick: Any = AUTO if choice in (None, "", AUTO) else int(choice)
-            inp: Any = Command(resume=pick)
+        pick: Any = AUTO if choice in (None, "", AUTO) else int(choice)
+        pending = sess.pending if sess.pending is not None and sess.pending.signature == sig else None
+        if pending is not None and not pending.used:  # Reason paused the agent at its choice: resume it
+            thread, inp = pending.thread_id, Command(resume=pick)
+            pending.used = True
         else:
             inp = self._inputs(sess, prompt)
-            if choice not in (None, "", AUTO):
+            if pick != AUTO and pending is not None and 0 <= pick < len(pending.intentions):
+                # the same drag edited again with a reasoned intention: use it (with its prompts) directly
+                o = pending.intentions[pick]
+                inp["intention"] = {k: o[k] for k in ("intention", "source_prompt", "target_prompt")}
+            elif pick != AUTO:
                 warnings.append("the drag changed since Reason: the agent reasoned again and chose by itself")
             thread = sess.next_edit_thread()
-        sess.pending = None
         cfg = {"configurable": {"thread_id": thread}}
         base_ref = sess.image_ref
         run = sess.runs

@@ -112,6 +112,7 @@ class Pending:
     thread_id: str
     signature: str
     intentions: list[dict]
+    used: bool = False  # resumed once; later Edits with the same drag reuse the intentions without reasoning again
 
 
 @dataclass
