@@ -170,7 +170,7 @@ def demo(
     sc.image.save(src)
     typer.echo(f"scene: {sc.caption!r}; dragging {points[0]} -> {points[1]}")
     try:
-        # most likely intention first (the paper samples by confidence; `edit --selection sample` does that)
+        # most likely intention first (the paper samples by confidence, as `luciddrag edit` does)
         ctx = _context(str(MODEL_DIR), "cpu", steps, 0, 3, 3, "offline", "offline", selection="argmax")
         _run_agent(src, points, None, sc.caption, None, ctx, out_dir / "result.png")
     except LucidDragError as exc:
@@ -274,6 +274,8 @@ def eval_shapes(
     edit_steps: Optional[int] = typer.Option(None, help="Override n1, the number of guided steps."),
     init_copy: Optional[bool] = typer.Option(None, help="Override the z_T handle-patch copy."),
     kv: Optional[bool] = typer.Option(None, help="Override K/V injection."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg", help="CFG scale (default: the model's luciddrag.json, else 5)."),
+    regions: bool = typer.Option(True, help="Moves drag the whole shape region (as the agent does), else a patch."),
     out: Optional[Path] = typer.Option(None, "--json", help="Folder for shapes_eval.json/.md and a contact sheet."),
 ) -> None:
     """Run the engine over the ShapesWorld drag suite and print exact scores per family and configuration."""
@@ -283,13 +285,20 @@ def eval_shapes(
     from evals.shapesworld import MODEL_DIR
     from evals.shapesworld.drag_eval import evaluate
 
-    over = {k: v for k, v in dict(w_edit=w_edit, w_content=w_content, w_inpaint=w_inpaint, edit_steps=edit_steps,
-                                  init_copy=init_copy, kv_injection=kv).items() if v is not None}
+    from agent.context import model_defaults
+
+    model_dir = model or str(MODEL_DIR)
+    recommended = model_defaults(model_dir)
+    base = recommended["guidance"].model_dump() if "guidance" in recommended else {}
+    over = {**base, **{k: v for k, v in dict(w_edit=w_edit, w_content=w_content, w_inpaint=w_inpaint,
+                                             edit_steps=edit_steps, init_copy=init_copy, kv_injection=kv).items()
+                       if v is not None}}
+    scale = cfg_scale if cfg_scale is not None else recommended.get("guidance_scale", 5.0)
     try:
-        editor = DragEditor.from_pretrained(model or str(MODEL_DIR), device="cpu", show_progress=False)
+        editor = DragEditor.from_pretrained(model_dir, device="cpu", show_progress=False)
         evaluate(editor, tasks, seed, [c.strip() for c in configs.split(",") if c.strip()], steps,
                  GuidanceConfig(**over), mask, out, families=[f.strip() for f in families.split(",")],
-                 log=typer.echo)
+                 log=typer.echo, guidance_scale=scale, regions=regions)
     except LucidDragError as exc:
         _fail(str(exc))
 

@@ -45,12 +45,17 @@ def extra_terms_for(config: str, editor: DragEditor) -> list:
 
 
 def config_request(task: DragTask, config: str, steps: int, guidance: GuidanceConfig, use_mask: bool,
-                   seed: int = 0, guidance_scale: float = 5.0) -> EditRequest:
-    """The engine request for one task under one ablation configuration."""
+                   seed: int = 0, guidance_scale: float = 5.0, regions: bool = True) -> EditRequest:
+    """The engine request for one task under one ablation configuration.
+
+    `regions`: a move drags the whole shape (its mask, as the offline locator segments it), as the agent does for
+    intentions that move an object; a resize drags a patch around the handle."""
     semantic = "+semantic" in config or config.startswith("all")
     g = guidance if config != "reconstruct" else GuidanceConfig(**{**guidance.model_dump(), **OFF})
+    moving = regions and task.family == "move" and config != "reconstruct"
     return EditRequest.create(
         image=task.scene().image, points=task.points, mask=task.editable_mask() if use_mask else None,
+        handle_masks=[task.source_mask()] * len(task.drags) if moving else None,
         source_prompt=task.source_prompt, target_prompt=task.target_prompt if semantic else task.source_prompt,
         steps=steps, seed=seed, guidance_scale=guidance_scale, guidance=g,
     )
@@ -58,13 +63,13 @@ def config_request(task: DragTask, config: str, steps: int, guidance: GuidanceCo
 
 def run_config(editor: DragEditor, tasks: Sequence[DragTask], config: str, steps: int = 50,
                guidance: GuidanceConfig | None = None, use_mask: bool = True, guidance_scale: float = 5.0,
-               keep_images: int = 0, progress: bool = True) -> tuple[list[TaskScore], list[Image.Image], float]:
+               keep_images: int = 0, progress: bool = True, regions: bool = True) -> tuple[list[TaskScore], list[Image.Image], float]:
     """Edit and score every task; returns scores, the first `keep_images` results, and seconds per task."""
     guidance = guidance or GuidanceConfig()
     scores, kept = [], []
     t0 = time.perf_counter()
     for task in tqdm(tasks, desc=config, disable=not progress, leave=False):
-        req = config_request(task, config, steps, guidance, use_mask, guidance_scale=guidance_scale)
+        req = config_request(task, config, steps, guidance, use_mask, guidance_scale=guidance_scale, regions=regions)
         res = editor.edit(req, extra_terms=extra_terms_for(config, editor))
         arr = np.asarray(res.image.convert("RGB"))
         scores.append(score_task(task, arr))
@@ -96,11 +101,13 @@ def contact_sheet_for(tasks: Sequence[DragTask], results: dict[str, list[Image.I
 def evaluate(editor: DragEditor, n_tasks: int = 100, seed_base: int | None = None, configs: Sequence[str] = (
         "reconstruct", "editing", "editing+semantic"), steps: int = 50, guidance: GuidanceConfig | None = None,
         use_mask: bool = True, out_dir: Path | None = None, sheet_tasks: int = 4,
-        families: Sequence[str] = ("move", "resize"), log: Callable[[str], None] = print) -> dict[str, Any]:
+        families: Sequence[str] = ("move", "resize"), log: Callable[[str], None] = print,
+        guidance_scale: float = 5.0, regions: bool = True) -> dict[str, Any]:
     """Run the suite under each configuration; print and optionally write tables, JSON and a contact sheet."""
     suite = default_suite(n_tasks) if seed_base is None else default_suite(n_tasks, seed_base)
     tasks = [t for t in suite.tasks if t.family in families]
     report: dict[str, Any] = {"suite": suite.name, "n_tasks": len(tasks), "steps": steps, "use_mask": use_mask,
+                              "guidance_scale": guidance_scale, "regions": regions,
                               "guidance": (guidance or GuidanceConfig()).model_dump(), "configs": {}}
     sheets_img: dict[str, list[Image.Image]] = {}
     sheets_scores: dict[str, list[TaskScore]] = {}
@@ -108,13 +115,13 @@ def evaluate(editor: DragEditor, n_tasks: int = 100, seed_base: int | None = Non
     for fam in families:
         sheet_pick += [t for t in tasks if t.family == fam][: max(1, sheet_tasks // len(families))]
     for cfg in configs:
-        scores, _, sec = run_config(editor, tasks, cfg, steps, guidance, use_mask)
+        scores, _, sec = run_config(editor, tasks, cfg, steps, guidance, use_mask, guidance_scale, regions=regions)
         table = aggregate(scores)
         report["configs"][cfg] = {"table": table, "seconds_per_task": sec, "scores": [s.model_dump() for s in scores]}
         log(f"\n### {cfg}  ({sec:.2f} s/task)\n{format_table(table)}")
         if out_dir is not None and sheet_pick:
-            s2, ims, _ = run_config(editor, sheet_pick, cfg, steps, guidance, use_mask, keep_images=len(sheet_pick),
-                                    progress=False)
+            s2, ims, _ = run_config(editor, sheet_pick, cfg, steps, guidance, use_mask, guidance_scale,
+                                    keep_images=len(sheet_pick), progress=False, regions=regions)
             sheets_img[cfg], sheets_scores[cfg] = ims, s2
     log("\n" + format_ablation(report))
     if out_dir is not None:

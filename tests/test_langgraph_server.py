@@ -1,0 +1,91 @@
+"""`langgraph dev` (the in-memory Agent Server) serves both graphs from langgraph.json; the SDK client runs one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cli = Path(sys.executable).parent / "langgraph"
+    if not cli.exists():
+        pytest.fail("langgraph CLI missing: install the dev extra (langgraph-cli[inmem])")
+    port = _free_port()
+    home = tmp_path_factory.mktemp("lg-home")
+    env = {**os.environ, "LUCIDDRAG_HOME": str(home), "HF_HUB_OFFLINE": "1", "LANGGRAPH_NO_ANALYTICS": "1",
+           "LANGSMITH_TRACING": "false"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(cli), "dev", "--host", "127.0.0.1", "--port", str(port), "--no-browser",
+                             "--no-reload"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"langgraph dev exited: {(home / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ok", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("langgraph dev did not come up in 120 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.rmtree(ROOT / ".langgraph_api", ignore_errors=True)
+
+
+def test_both_graphs_are_served_and_a_drag_edit_runs(server, tmp_path):
+    import asyncio
+
+    from langgraph_sdk import get_client
+
+    from evals.shapesworld import MODEL_DIR
+    from evals.shapesworld.world import render_scene
+
+    scene = render_scene(7, n_shapes=1)
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    cx, cy = scene.shapes[0].centroid
+
+    async def go():
+        client = get_client(url=server)
+        graphs = {a["graph_id"] for a in await client.assistants.search(limit=10)}
+        assert {"luciddrag", "chat"} <= graphs
+        thread = await client.threads.create()
+        return await client.runs.wait(
+            thread["thread_id"], "luciddrag",
+            input={"image": str(path), "points": [[round(cx), round(cy)], [round(cx) + 14, round(cy)]],
+                   "prompt": scene.caption},
+            context={"model": str(MODEL_DIR), "device": "cpu", "steps": 6, "k": 2, "max_attempts": 1,
+                     "locator": "offline", "reasoner": "offline", "selection": "argmax"},
+        )
+
+    out = asyncio.run(go())
+    assert out.get("result") is not None, out
+    assert Path(out["result"]["path"]).is_file()
+    assert len(out["attempts"]) == 1 and out["intentions"]
