@@ -44,6 +44,25 @@ def test_points_text_and_settings_errors():
     assert WebSettings.parse(model="m", steps="7.0", seed="", llm_base_url=" ").steps == 7
 
 
+def test_settings_start_from_the_models_recommendations(tmp_path):
+    from agent.context import model_defaults
+    from agent.web.app import default_settings
+    from evals.shapesworld import MODEL_DIR
+
+    rec = model_defaults(str(MODEL_DIR))
+    s = default_settings()
+    if "guidance_scale" in rec:
+        assert s.guidance_scale == rec["guidance_scale"]
+    if "guidance" in rec:
+        assert s.w_edit == rec["guidance"].w_edit
+    ctx = s.context(tmp_path)
+    assert ctx.reasoner == "offline" and ctx.locator == "offline"  # works with no key and no download
+    for key in ("critic_timestep", "accept_md_fraction"):
+        if key in rec:
+            assert getattr(ctx, key) == rec[key]
+    assert default_settings(guidance_scale=7.5).context(tmp_path).guidance_scale == 7.5  # what the panel says wins
+
+
 def test_canvas_draws_pairs_and_dims_outside_the_mask():
     sc = render_scene(7, n_shapes=1)
     plain = np.asarray(render_canvas(sc.image, []), dtype=float)

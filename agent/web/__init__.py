@@ -30,7 +30,8 @@ def web_command(
     model: Optional[str] = typer.Option(None, help="Hub id or local diffusers folder (default: the shipped ShapesWorld "
                                                     "model, which runs offline on a CPU)."),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE", help="cpu, cuda, cuda:1 ... (default: auto)."),
-    steps: int = typer.Option(50, min=2, max=200, help="Default DDIM steps (changeable in the page)."),
+    steps: Optional[int] = typer.Option(None, min=2, max=200, help="Default DDIM steps (changeable in the page; "
+                                                                   "default: the model's recommendation, else 50)."),
     k: int = typer.Option(3, min=1, max=8, help="Default number of intentions to reason."),
     attempts: int = typer.Option(3, min=1, max=8, help="Default attempt budget."),
     llm_base_url: Optional[str] = typer.Option(None, envvar="OPENAI_BASE_URL",

@@ -53,10 +53,11 @@ CSS = """
 
 
 def default_settings(model: str | None = None, device: str | None = None, **overrides: Any) -> WebSettings:
-    """The app's defaults: the shipped ShapesWorld model (works offline on a CPU) unless a model is named."""
+    """The app's defaults: the shipped ShapesWorld model (works offline on a CPU) unless a model is named, with the
+    model's recommended settings (luciddrag.json) in the panel; explicit overrides win."""
     from evals.shapesworld import MODEL_DIR
 
-    return WebSettings(model=model or str(MODEL_DIR), device=device or None, **overrides)
+    return WebSettings.for_model(model or str(MODEL_DIR), device=device or None, **overrides)
 
 
 class WebApp:
@@ -105,7 +106,7 @@ class WebApp:
         return s
 
     def context(self, sess: Session, s: WebSettings):
-        return s.context(sess.dir / "artifacts", critic=_critic_for(s.model))
+        return s.context(sess.dir / "artifacts")
 
     def _chat_cfg(self, sess: Session) -> dict:
         return {"configurable": {"thread_id": sess.chat_thread}}
@@ -629,18 +630,6 @@ def _sha(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("sha256")
     return None
-
-
-def _critic_for(model: str) -> dict:
-    """Critic settings calibrated for the ShapesWorld model, when the model is it and a calibration exists."""
-    import json
-
-    from evals.shapesworld import MODEL_DIR
-
-    path = MODEL_DIR / "critic.json"
-    if Path(model).resolve() == MODEL_DIR.resolve() and path.exists():
-        return json.loads(path.read_text())
-    return {}
 
 
 def _painted(value: dict | None, size: tuple[int, int]) -> np.ndarray | None:

@@ -53,8 +53,8 @@ class WebSettings(BaseModel):
     llm_model: str | None = None
     llm_api_key: SecretStr | None = None
     """Typed in the page, kept server-side as a SecretStr and never sent back to the browser."""
-    critic_ensemble: int = Field(4, ge=1, le=16)
-    """Not in the panel: tests lower it to keep the critic cheap."""
+    critic_ensemble: int | None = Field(None, ge=1, le=16)
+    """Not in the panel (None: the model's recommendation, else the agent's default); tests lower it."""
 
     @classmethod
     def parse(cls, **values: Any) -> WebSettings:
@@ -75,10 +75,24 @@ class WebSettings(BaseModel):
     def llm_configured(self) -> bool:
         return bool(self.llm_base_url or self.llm_api_key)
 
-    def context(self, artifacts_dir: Path, critic: dict | None = None):
-        """The agent's run context for these settings. Without an LLM the offline locator and reasoner are used, so
-        the app works on a fresh machine; with an endpoint or key, the LLM-backed ones."""
-        from agent.context import AgentContext
+    @classmethod
+    def for_model(cls, model: str, **overrides: Any) -> WebSettings:
+        """Settings whose panel values start from the model folder's recommendations (its luciddrag.json: e.g. CFG 1
+        and w_edit 1000 for ShapesWorld); explicit overrides win."""
+        from agent.context import model_defaults
+
+        rec = model_defaults(model)
+        base: dict[str, Any] = {k: rec[k] for k in ("steps", "guidance_scale", "critic_ensemble") if k in rec}
+        if "guidance" in rec:
+            g = rec["guidance"]
+            base.update(w_edit=g.w_edit, w_content=g.w_content, w_inpaint=g.w_inpaint)
+        return cls(model=model, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def context(self, artifacts_dir: Path):
+        """The agent's run context: the model's recommended settings (critic calibration, region drags, ...), then
+        the panel's values on top. Without an LLM the offline locator and reasoner are used, so the app works on a
+        fresh machine; with an endpoint or key, the LLM-backed ones."""
+        from agent.context import AgentContext, model_defaults
         from engine.request import GuidanceConfig
         from tools.llm import LLMSettings
 
@@ -86,15 +100,17 @@ class WebSettings(BaseModel):
         if self.llm_configured:
             llm = LLMSettings.from_env(base_url=self.llm_base_url, model=self.llm_model or None,
                                        api_key=self.llm_api_key)
-        guidance = GuidanceConfig(w_edit=self.w_edit, w_content=self.w_content, w_inpaint=self.w_inpaint)
-        ctx = AgentContext(model=self.model, device=self.device, steps=self.steps, guidance_scale=self.guidance_scale,
-                           seed=self.seed, guidance=guidance, k=self.k, max_attempts=self.max_attempts,
-                           locator="auto" if llm else "offline", reasoner="llm" if llm else "offline", llm=llm,
-                           critic_ensemble=self.critic_ensemble, artifacts_dir=str(artifacts_dir))
-        for key, value in (critic or {}).items():  # model-specific critic calibration (e.g. ShapesWorld)
-            if hasattr(ctx, key):
-                setattr(ctx, key, value)
-        return ctx
+        rec = model_defaults(self.model)
+        rec_guidance = rec.pop("guidance").model_dump() if "guidance" in rec else {}
+        guidance = GuidanceConfig(**{**rec_guidance, "w_edit": self.w_edit, "w_content": self.w_content,
+                                     "w_inpaint": self.w_inpaint})
+        panel: dict[str, Any] = dict(model=self.model, device=self.device, steps=self.steps,
+                                     guidance_scale=self.guidance_scale, seed=self.seed, guidance=guidance, k=self.k,
+                                     max_attempts=self.max_attempts, locator="auto" if llm else "offline",
+                                     reasoner="llm" if llm else "offline", llm=llm, artifacts_dir=str(artifacts_dir))
+        if self.critic_ensemble is not None:
+            panel["critic_ensemble"] = self.critic_ensemble
+        return AgentContext(**{**rec, **panel})
 
 
 # -- session ------------------------------------------------------------------------------------------------------------
