@@ -30,8 +30,8 @@ class AgentContext:
     seed: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     handle_regions: Literal["auto", "always", "never"] = "auto"
-    """Move the locator's whole object region with the handle ('auto': for intentions that move an object; a
-    deformation such as 'make it bigger' drags only a patch around the point)."""
+    """Drag the locator's whole object region ('auto': translated for intentions that move an object, scaled for
+    size changes, a patch around the point for other deformations such as 'raise the head')."""
     batch_intentions: Literal["auto", "on", "off"] = "auto"
     """Sample every intention in one batch on the first attempt (nearly free on a GPU; 'auto' = on with CUDA)."""
     # reasoning

@@ -181,19 +181,30 @@ def _batch(ctx: AgentContext) -> bool:
 
 
 MOVE_VERBS = ("move", "shift", "slide", "relocate", "translate", "reposition", "carry", "bring", "put", "place")
+SIZE_WORDS = ("bigger", "smaller", "larger", "enlarge", "shrink", "grow", "scale", "resize", "tiny", "huge")
 MAX_REGION_FRACTION = 0.5  # a "region" over half the image is the background or a failed segmentation, not an object
 
 
-def moves_object(intention: Intention, ctx: AgentContext) -> bool:
-    """Does this intention move a whole object (drag the locator's region) rather than deform a part of it?
+def region_motion(intention: Intention, ctx: AgentContext) -> str | None:
+    """How this intention drags the locator's object region: "translate" (move the whole object), "scale" (resize
+    it about its centre), or None (deform around the handle point: a patch drag).
 
-    'auto' reads the intention's leading verb: "move the circle to the right" moves; "make the circle bigger" or
-    "raise the horse's head" deforms around the handle point.
+    'auto' reads the intention: a leading move verb ("move the circle to the right") translates; a size word
+    ("make the circle bigger") scales; anything else ("raise the horse's head") is a patch drag.
     """
-    if ctx.handle_regions != "auto":
-        return ctx.handle_regions == "always"
+    if ctx.handle_regions == "never":
+        return None
     words = re.findall(r"[a-z]+", intention.intention.lower())
-    return bool(words) and words[0] in MOVE_VERBS
+    if words and words[0] in MOVE_VERBS:
+        return "translate"
+    if any(w in SIZE_WORDS for w in words):
+        return "scale"
+    return "translate" if ctx.handle_regions == "always" else None
+
+
+def moves_object(intention: Intention, ctx: AgentContext) -> bool:
+    """Does this intention drag the whole located object (translated or scaled) rather than a patch?"""
+    return region_motion(intention, ctx) is not None
 
 
 def handle_regions(located: Any, size: tuple[int, int]) -> list[np.ndarray | None] | None:
@@ -222,19 +233,19 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     prepared = dict(state.get("prepared") or {})
     t0 = time.perf_counter()
     if k not in prepared:
-        moves = moves_object(intentions[k], ctx)
+        motion = region_motion(intentions[k], ctx)
         todo = [k]
         if _batch(ctx):  # one batch shares one drag geometry: batch only intentions that drag the same way
             todo += [j for j in range(len(intentions)) if j != k and j not in state.get("tried", [])
-                     and moves_object(intentions[j], ctx) == moves]
+                     and region_motion(intentions[j], ctx) == motion]
 
         def progress(ev):
             _emit(runtime, node="sample", phase=ev.phase, step=ev.step, total=ev.total, intention=intentions[k].intention)
 
         image = _image(state["image"])
-        regions = handle_regions(state.get("located"), image.size) if moves else None
+        regions = handle_regions(state.get("located"), image.size) if motion else None
         res = sample_intentions(ctx, image, state["drags"], _mask_array(state),
-                                [intentions[j] for j in todo], progress, regions=regions)
+                                [intentions[j] for j in todo], progress, regions=regions, motion=motion or "translate")
         store = _store(runtime)
         for j, im in zip(todo, res.images):
             prepared[j] = store.put_image(im)

@@ -41,14 +41,16 @@ def flat_points(drags: DragPoints) -> list[tuple[float, float]]:
 
 def sample_intentions(ctx: AgentContext, image: Image.Image, drags: DragPoints, mask: np.ndarray | None,
                       intentions: Sequence[Intention], progress: Callable[[StepEvent], None] | None = None,
-                      regions: Sequence[np.ndarray | None] | None = None) -> EditResult:
+                      regions: Sequence[np.ndarray | None] | None = None,
+                      motion: str = "translate") -> EditResult:
     """The sampler: one edit per intention, all in one batch from one inversion per distinct source prompt.
 
-    `regions`: per drag, the object mask that moves with the handle (or None: a patch around the point)."""
+    `regions`: per drag, the object mask that follows the handle (or None: a patch around the point), translated or
+    scaled as `motion` says."""
     editor = get_editor(ctx)
     editor.show_progress = ctx.show_progress
     req = EditRequest.create(image=image, points=flat_points(drags), mask=mask, steps=ctx.steps,
-                             handle_masks=list(regions) if regions is not None else None,
+                             handle_masks=list(regions) if regions is not None else None, region_motion=motion,
                              guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance)
     pairs = [(i.source_prompt, i.target_prompt) for i in intentions]
     terms = quality_terms_for(ctx, editor)

@@ -110,7 +110,8 @@ def train_command(
     lr: float = typer.Option(1e-4, min=0.0, help="Adam learning rate (paper: 1e-4)."),
     minutes: Optional[float] = typer.Option(None, min=0.01, help="Wall-time budget; stops after the running epoch."),
     holdout: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of items held out for evaluation."),
-    good_edits: bool = typer.Option(False, help="Also use edits scoring above the threshold as positives."),
+    good_edits: bool = typer.Option(False, help="Also use edits scoring above the threshold as positives (good and bad edits then weigh the same, so "
+                    "'was it edited' is no cue)."),
     roundtrip: bool = typer.Option(True, help="Also use VAE round-trips of the real images as positives."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
@@ -193,13 +194,44 @@ def calibrate_command(
     world: str = typer.Option("shapesworld", help="World with good / deliberately broken edits."),
     n: int = typer.Option(60, min=4, help="Tasks (each gives one good and one broken edit)."),
     write: bool = typer.Option(True, help="Store the threshold in the discriminator's config."),
+    engine_edits: int = typer.Option(0, min=0, help="Also check the critic on this many real engine edits."),
+    critic_timesteps: Optional[str] = typer.Option(None, help="Comma-separated timesteps the critic scores at."),
 ) -> None:
     """Calibrate the critic's threshold on a world's good vs broken edits and report accept/reject rates."""
     if world not in WORLDS:
         _fail(f"unknown world {world!r}: one of {', '.join(WORLDS)}")
     mod = importlib.import_module(WORLDS[world])
     try:
-        report = mod.calibrate_critic(path, n=n, write=write, log=typer.echo)
+        if critic_timesteps:
+            from engine.discriminator import read_config, write_config
+
+            cfg = read_config(path)
+            try:
+                cfg.critic_timesteps = [int(v) for v in critic_timesteps.split(",") if v.strip()]
+            except ValueError:
+                raise InputError(f"--critic-timesteps {critic_timesteps!r}: expected integers like 50,150,250")
+            write_config(path, cfg)
+        report = mod.calibrate_critic(path, n=n, write=write, engine_edits=engine_edits, log=typer.echo)
     except LucidDragError as exc:
         _fail(str(exc))
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "per_item"}, indent=1))
+
+
+@app.command("set")
+def set_command(
+    path: Path = typer.Argument(..., help="Discriminator folder."),
+    w_quality: Optional[float] = typer.Option(None, min=0.0, help="Recommended quality-guidance weight w_q."),
+    quality_steps: Optional[int] = typer.Option(None, min=0, help="Recommended n2 (guided steps)."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Critic threshold on P(real)."),
+) -> None:
+    """Store recommended settings (measured elsewhere) in a discriminator's config."""
+    from engine.discriminator import read_config, write_config
+
+    try:
+        cfg = read_config(path)
+        upd = {k: v for k, v in dict(w_quality=w_quality, quality_steps=quality_steps, threshold=threshold).items()
+               if v is not None}
+        write_config(path, cfg.model_copy(update=upd))
+    except LucidDragError as exc:
+        _fail(str(exc))
+    typer.echo(f"updated {', '.join(f'{k}={v}' for k, v in upd.items()) or 'nothing'}")

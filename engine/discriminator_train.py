@@ -109,6 +109,19 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels > 0.5, 0.5 / pos, 0.5 / (1 - pos))
 
 
+EDIT_BALANCED_SHARES = {"low": 0.4, "high": 0.4, "real": 0.1, "roundtrip": 0.1}
+
+
+def kind_weights(kinds: Sequence[str], shares: dict[str, float]) -> torch.Tensor:
+    """Per-sample weights giving each kind of example its share of the total weight (renormalised over the kinds
+    present). With good edits as positives, equal shares for good and bad *edits* leave "was this image edited"
+    worthless as a cue, so the discriminator has to judge fidelity itself."""
+    counts = {k: sum(x == k for x in kinds) for k in set(kinds)}
+    total = sum(shares.get(k, 0.0) for k in counts)
+    w = [shares.get(k, 0.0) / total / counts[k] * len(kinds) for k in kinds]
+    return torch.tensor(w, dtype=torch.float32)
+
+
 # -- data ------------------------------------------------------------------------------------------------------------
 
 
@@ -330,7 +343,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     ab = alphas_cumprod(components.scheduler_config)
     T = len(ab)
     dev, dt = components.device, components.dtype
-    weights = class_weights(labels[tr])
+    if cfg.good_edits and counts["high"]:
+        weights = kind_weights([examples[i].kind for i in tr.tolist()], EDIT_BALANCED_SHARES)
+    else:
+        weights = class_weights(labels[tr])
     t_start = time.perf_counter() - progress["seconds"]
     budget = 60 * cfg.minutes if cfg.minutes else math.inf
     steps_per_epoch = math.ceil(len(tr) / cfg.batch)

@@ -54,16 +54,19 @@ def _weighted_mean(s: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
 
 
 def drag_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
-                offsets: torch.Tensor, image_size: tuple[int, int], weights: torch.Tensor | None = None) -> torch.Tensor:
+                offsets: torch.Tensor, image_size: tuple[int, int], weights: torch.Tensor | None = None,
+                dst_offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over drags of 1 / (1 + 4 s(cur at target cells, ref at handle cells)) -> (B,).
 
     `offsets` are the cells around each handle: a square patch (K, 2) shared by all drags, or a whole region per drag
     (P, K, 2) with validity `weights` (P, K). Cells are compared one to one (target cell k against handle cell k), so
-    the layout moves too, not only the average colour.
+    the layout moves too, not only the average colour. `dst_offsets` (P, K, 2), when the region is not translated
+    but transformed (scaled): where cell k should land, relative to the target.
     """
     off = _per_drag(offsets, handles.shape[0])
     p, k = off.shape[:2]
-    t_xy = (targets[:, None, :] + off).reshape(-1, 2)
+    dst = off if dst_offsets is None else dst_offsets
+    t_xy = (targets[:, None, :] + dst).reshape(-1, 2)
     h_xy = (handles[:, None, :] + off).reshape(-1, 2)
     s = similarity(sample_at(cur, t_xy, image_size), sample_at(ref, h_xy, image_size))  # (B, P*K)
     s = _weighted_mean(s.view(s.shape[0], p, k), weights)  # (B, P)
@@ -71,7 +74,7 @@ def drag_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, tar
 
 
 def vacated_cells(handles: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, cell: float,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
+                  weights: torch.Tensor | None = None, dst_offsets: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 2) handle cells that no moved cell covers: where the dragged content was and should no longer be.
 
     A handle cell is covered when a moved cell (target + offset) lies within half a cell of it (max-norm): there
@@ -80,7 +83,7 @@ def vacated_cells(handles: torch.Tensor, targets: torch.Tensor, offsets: torch.T
     off = _per_drag(offsets, handles.shape[0])
     valid = torch.ones(off.shape[:2], dtype=torch.bool, device=off.device) if weights is None else weights > 0
     h_xy = (handles[:, None, :] + off)[valid]  # (N, 2)
-    moved = (targets[:, None, :] + off)[valid]  # (M, 2)
+    moved = (targets[:, None, :] + (off if dst_offsets is None else dst_offsets))[valid]  # (M, 2)
     if h_xy.numel() == 0:
         return h_xy
     d = (h_xy[:, None, :] - moved[None, :, :]).abs().amax(-1)  # (N, M)
@@ -89,12 +92,12 @@ def vacated_cells(handles: torch.Tensor, targets: torch.Tensor, offsets: torch.T
 
 def inpaint_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
                    offsets: torch.Tensor, image_size: tuple[int, int], cell: float | None = None,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None = None, dst_offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Mean similarity of the vacated handle cells to their old content -> (B,). High = a ghost stays behind."""
     if cell is None:  # the patch's own spacing: the smallest non-zero offset
         nz = offsets.abs()[offsets.abs() > 0]
         cell = float(nz.min()) if nz.numel() else 1.0
-    xy = vacated_cells(handles, targets, offsets, cell, weights)
+    xy = vacated_cells(handles, targets, offsets, cell, weights, dst_offsets)
     if xy.shape[0] == 0:
         return cur.new_zeros(cur.shape[0])
     s = similarity(sample_at(cur, xy, image_size), sample_at(ref, xy, image_size))
@@ -134,3 +137,18 @@ def content_energy(cur: torch.Tensor, ref: torch.Tensor, weight: torch.Tensor) -
     s = similarity(cur, ref)  # (B, h, w)
     mean_s = (s * wgt).flatten(1).sum(-1) / total
     return 1.0 / (1.0 + 4.0 * mean_s)
+
+
+def scale_about(points: torch.Tensor, centre: torch.Tensor, factor: float) -> torch.Tensor:
+    """Points (..., 2) scaled by `factor` about `centre` (2,)."""
+    return centre + factor * (points - centre)
+
+
+def drag_scale(handle: torch.Tensor, target: torch.Tensor, centre: torch.Tensor, lo: float = 0.25,
+               hi: float = 4.0) -> float:
+    """The scale about `centre` that carries `handle` closest to `target` (projection on the handle's ray)."""
+    r = handle - centre
+    n2 = float(r @ r)
+    if n2 < 1.0:  # handle on the centre: no ray to scale along
+        return 1.0
+    return float(min(max(float((target - centre) @ r) / n2, lo), hi))

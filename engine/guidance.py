@@ -28,6 +28,7 @@ class Geometry:
     offsets: torch.Tensor  # (K, 2) patch offsets, or (P, K, 2) per-drag region offsets, in pixels
     cell: float = 1.0  # spacing of the patch/region grid in pixels
     weights: torch.Tensor | None = None  # (P, K) validity of region cells (regions are padded to one K)
+    dst_offsets: torch.Tensor | None = None  # (P, K, 2) where each cell lands relative to the target, if not `offsets`
 
 
 @dataclass
@@ -79,7 +80,7 @@ class DragTerm:
     def energy(self, ctx: GuidanceContext) -> torch.Tensor:
         g = ctx.geometry
         return self.weight * _over_blocks(
-            ctx, lambda c, r: E.drag_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.weights)
+            ctx, lambda c, r: E.drag_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.weights, g.dst_offsets)
         )
 
 
@@ -98,7 +99,8 @@ class InpaintTerm:
     def energy(self, ctx: GuidanceContext) -> torch.Tensor:
         g = ctx.geometry
         return self.weight * _over_blocks(
-            ctx, lambda c, r: E.inpaint_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.cell, g.weights)
+            ctx, lambda c, r: E.inpaint_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.cell, g.weights,
+                                                g.dst_offsets)
         )
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from engine.energies import patch_offsets, region_offsets
+from engine.energies import drag_scale, patch_offsets, region_offsets, scale_about
 from engine.errors import InputError, ResourceError
 from engine.features import FeatureTap
 from engine.guidance import Geometry, GuidanceContext, GuidanceTerm, editing_terms
@@ -81,14 +81,43 @@ def capsule_mask(size: tuple[int, int], handles: np.ndarray, targets: np.ndarray
     return out
 
 
-def region_footprint(region: np.ndarray, shift: np.ndarray, margin: int) -> np.ndarray:
-    """(H, W) bool: the region, the region moved by `shift`, and `margin` pixels around both."""
+def region_scales(regions: Sequence[np.ndarray | None], handles: np.ndarray,
+                  targets: np.ndarray) -> list[tuple[tuple[float, float], float] | None]:
+    """Per drag with a region: (centre, factor) of the scaling about the region's centroid that best carries the
+    handle to its target."""
+    out: list[tuple[tuple[float, float], float] | None] = []
+    for region, h, t in zip(regions, handles, targets):
+        if region is None:
+            out.append(None)
+            continue
+        ys, xs = np.nonzero(region)
+        centre = (float(xs.mean()), float(ys.mean()))
+        c = torch.tensor(centre)
+        out.append((centre, drag_scale(torch.tensor(h, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), c)))
+    return out
+
+
+def scaled_region(region: np.ndarray, centre: tuple[float, float], factor: float) -> np.ndarray:
+    """The region scaled by `factor` about `centre` (inverse-mapped, so it has no holes)."""
     h, w = region.shape
-    moved = np.zeros_like(region)
-    dx, dy = int(round(float(shift[0]))), int(round(float(shift[1])))
-    ys, xs = np.nonzero(region)
-    ok = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
-    moved[ys[ok] + dy, xs[ok] + dx] = True
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    sx = np.round(centre[0] + (xx - centre[0]) / factor).astype(int)
+    sy = np.round(centre[1] + (yy - centre[1]) / factor).astype(int)
+    ok = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    out = np.zeros_like(region)
+    out[ok] = region[sy[ok], sx[ok]]
+    return out
+
+
+def region_footprint(region: np.ndarray, shift: np.ndarray, margin: int, moved: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) bool: the region, where it goes (moved by `shift`, or `moved` when given), and `margin` px around."""
+    h, w = region.shape
+    if moved is None:
+        moved = np.zeros_like(region)
+        dx, dy = int(round(float(shift[0]))), int(round(float(shift[1])))
+        ys, xs = np.nonzero(region)
+        ok = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+        moved[ys[ok] + dy, xs[ok] + dx] = True
     both = torch.from_numpy((region | moved).astype(np.float32))[None, None]
     grown = F.max_pool2d(both, 2 * margin + 1, stride=1, padding=margin)[0, 0] > 0
     return grown.numpy()
@@ -102,7 +131,8 @@ def latent_cells(region: np.ndarray, scale: int) -> np.ndarray:
 
 def copy_patches(latents: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, scale: int, radius: int,
                  regions: Sequence[np.ndarray | None] | None = None, vacate: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 scales: Sequence[tuple[tuple[float, float], float] | None] | None = None) -> torch.Tensor:
     """Copy each handle's latent patch (or its whole region) onto its target: DragonDiffusion's z_T initialisation.
 
     Always reads from the original `latents`, so overlapping drags don't copy already-copied content. `vacate` in
@@ -114,9 +144,22 @@ def copy_patches(latents: torch.Tensor, handles: torch.Tensor, targets: torch.Te
     left = torch.zeros(latents.shape[-2:], dtype=torch.bool)
     _, _, h, w = latents.shape
     regions = regions or [None] * len(handles)
-    for hp, tp, region in zip(handles.tolist(), targets.tolist(), regions):
+    scales = scales or [None] * len(handles)
+    for hp, tp, region, sc in zip(handles.tolist(), targets.tolist(), regions, scales):
         hx, hy = int(hp[0] // scale), int(hp[1] // scale)
         tx, ty = int(tp[0] // scale), int(tp[1] // scale)
+        if region is not None and sc is not None:
+            # scaled region: every latent cell of the new footprint reads the cell it came from
+            (cx, cy), factor = sc
+            for y, x in np.argwhere(latent_cells(scaled_region(region, (cx, cy), factor), scale)):
+                px, py = (x + 0.5) * scale, (y + 0.5) * scale
+                sx = int((cx + (px - cx) / factor) // scale)
+                sy = int((cy + (py - cy) / factor) // scale)
+                if 0 <= sy < h and 0 <= sx < w:
+                    out[:, :, y, x] = latents[:, :, sy, sx]
+                    written[y, x] = True
+            left |= torch.from_numpy(latent_cells(region, scale))
+            continue
         if region is not None:
             cells = np.argwhere(latent_cells(region, scale))
             if len(cells) == 0:
@@ -189,7 +232,7 @@ class DragEditor:
 
         # 1. check inputs
         prep = prepare(request.image, request.drags, request.mask, c.native_size, c.size_multiple, request.handle_masks)
-        geometry = self._geometry(prep, cfg)
+        geometry = self._geometry(prep, cfg, request.region_motion)
         sources = list(dict.fromkeys(s for s, _ in pairs))
         rows = torch.tensor([sources.index(s) for s, _ in pairs], device=c.device)
 
@@ -236,8 +279,13 @@ class DragEditor:
             if cfg.init_copy:
                 radius = max(1, round((cfg.patch_radius + 0.5) * self._stride() / c.vae_scale))
                 gen = torch.Generator().manual_seed(request.seed)
+                scales = None
+                if request.region_motion == "scale" and prep.handle_masks:
+                    scales = region_scales(prep.handle_masks, geometry.handles.cpu().numpy(),
+                                           geometry.targets.cpu().numpy())
                 latents = copy_patches(latents, geometry.handles, geometry.targets, c.vae_scale, radius,
-                                       regions=prep.handle_masks, vacate=cfg.vacate_noise, generator=gen)
+                                       regions=prep.handle_masks, vacate=cfg.vacate_noise, generator=gen,
+                                       scales=scales)
 
             # 6. sample with the target prompt(s)
             t0 = time.perf_counter()
@@ -270,10 +318,11 @@ class DragEditor:
         """Pixel spacing of patch cells: DragonDiffusion's 1/4-resolution grid (half a latent cell)."""
         return self.c.vae_scale / 2.0
 
-    def _geometry(self, prep: Prepared, cfg) -> Geometry:
+    def _geometry(self, prep: Prepared, cfg, motion: str = "translate") -> Geometry:
         handles = np.array([d.handle for d in prep.drags], dtype=np.float32)
         targets = np.array([d.target for d in prep.drags], dtype=np.float32)
         regions = prep.handle_masks or [None] * len(prep.drags)
+        scales = region_scales(regions, handles, targets)
         if prep.mask is not None:
             editable = prep.mask
         else:
@@ -281,13 +330,14 @@ class DragEditor:
             radius = np.maximum(cfg.auto_mask_radius * lengths, cfg.auto_mask_min * min(prep.working_size))
             editable = capsule_mask(prep.working_size, handles, targets, radius)
             # a moving region must be free to leave its place and to arrive at the target, whatever its size
-            for region, h, t in zip(regions, handles, targets):
+            for region, h, t, sc in zip(regions, handles, targets, scales):
                 if region is not None:
-                    editable = editable | region_footprint(region, t - h, self.c.vae_scale)
+                    grown = scaled_region(region, *sc) if motion == "scale" else None
+                    editable = editable | region_footprint(region, t - h, self.c.vae_scale, grown)
         dev, cell = self.c.device, self._stride()
         h_t, t_t = torch.from_numpy(handles).to(dev), torch.from_numpy(targets).to(dev)
         patch = patch_offsets(cfg.patch_radius, cell, device=dev)
-        offsets, weights = patch, None
+        offsets, weights, dst_offsets = patch, None, None
         if any(r is not None for r in regions):
             per = [patch if r is None else region_offsets(torch.from_numpy(r).to(dev), h_t[i], cell,
                                                             cfg.max_region_cells)
@@ -297,10 +347,18 @@ class DragEditor:
             weights = torch.zeros(len(per), k, device=dev)
             for i, o in enumerate(per):
                 offsets[i, : o.shape[0]], weights[i, : o.shape[0]] = o, 1.0
+            if motion == "scale":
+                # each region cell lands where scaling the region about its centre puts it
+                dst_offsets = offsets.clone()
+                for i, (region, scale) in enumerate(zip(regions, scales)):
+                    if region is not None:
+                        centre, factor = scale
+                        c_t = torch.tensor(centre, device=dev, dtype=torch.float32)
+                        dst_offsets[i] = scale_about(h_t[i] + offsets[i], c_t, factor) - t_t[i]
         return Geometry(
             handles=h_t, targets=t_t,
             editable=torch.from_numpy(editable.astype(np.float32)).to(dev), image_size=prep.working_size,
-            offsets=offsets, cell=cell, weights=weights,
+            offsets=offsets, cell=cell, weights=weights, dst_offsets=dst_offsets,
         )
 
     @torch.no_grad()

@@ -79,6 +79,9 @@ class EditRequest(BaseModel):
     handle_masks: list[Any | None] | None = Field(
         None, description="Per drag (or None): the region that moves with the handle, e.g. the locator's object "
                           "mask. The drag energy then moves that whole region, not just a patch around the point.")
+    region_motion: Literal["translate", "scale"] = Field(
+        "translate", description="How a handle region follows its drag: translated by the drag vector (move an "
+                                 "object), or scaled about its centre so the handle reaches the target (resize it).")
     source_prompt: str = ""
     target_prompt: str = ""
     seed: int = 0

@@ -160,7 +160,7 @@ def test_move_intentions_drag_the_located_object_region():
     import numpy as np
 
     from agent.context import AgentContext
-    from agent.nodes import handle_regions, moves_object
+    from agent.nodes import handle_regions, moves_object, region_motion
     from tools.schemas import Intention, LocatorResult, mask_to_rle
 
     def it(text):
@@ -169,9 +169,10 @@ def test_move_intentions_drag_the_located_object_region():
     auto = AgentContext(handle_regions="auto")
     assert moves_object(it("move the red circle to the right"), auto)
     assert moves_object(it("Shift the cup left"), auto)
-    assert not moves_object(it("make the red circle bigger"), auto)
+    assert region_motion(it("make the red circle bigger"), auto) == "scale"
+    assert region_motion(it("move the circle to the right"), auto) == "translate"
     assert not moves_object(it("raise the horse's head"), auto)
-    assert moves_object(it("make it bigger"), AgentContext(handle_regions="always"))
+    assert moves_object(it("raise the head"), AgentContext(handle_regions="always"))
     assert not moves_object(it("move it"), AgentContext(handle_regions="never"))
 
     obj = np.zeros((20, 30), bool)

@@ -280,3 +280,23 @@ def test_handle_masks_are_validated_and_change_the_edit(tiny_editor):
     a = tiny_editor.edit(_req(steps=4, guidance=GuidanceConfig(edit_steps=3)))
     b = tiny_editor.edit(_req(steps=4, guidance=GuidanceConfig(edit_steps=3), handle_masks=[region]))
     assert not torch.allclose(a.latents, b.latents)
+
+
+def test_scaling_a_region_carries_the_handle_along_its_ray():
+    from engine.pipeline import copy_patches, latent_cells, scaled_region
+
+    c = torch.tensor([16.0, 16.0])
+    assert E.drag_scale(torch.tensor([20.0, 16.0]), torch.tensor([24.0, 16.0]), c) == pytest.approx(2.0)
+    assert E.drag_scale(torch.tensor([20.0, 16.0]), torch.tensor([18.0, 30.0]), c) == pytest.approx(0.5)
+    assert E.drag_scale(torch.tensor([16.2, 16.0]), torch.tensor([30.0, 16.0]), c) == 1.0  # handle on the centre
+    region = np.zeros((32, 32), bool)
+    region[12:20, 12:20] = True  # 8 x 8 around (15.5, 15.5)
+    big = scaled_region(region, (15.5, 15.5), 2.0)
+    assert abs(int(big.sum()) - 4 * 64) <= 40 and big[15, 15] and not big[2, 2]
+    z = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
+    out = copy_patches(z, torch.tensor([[19.0, 15.0]]), torch.tensor([[23.0, 15.0]]), scale=4, radius=1,
+                       regions=[region], scales=[((15.5, 15.5), 2.0)])
+    grown = latent_cells(big, 4)
+    assert grown.sum() > latent_cells(region, 4).sum()
+    changed = (out != z)[0, 0].numpy()
+    assert changed.any() and not changed[~grown].any()  # only the new footprint was written

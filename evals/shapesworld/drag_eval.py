@@ -48,14 +48,15 @@ def config_request(task: DragTask, config: str, steps: int, guidance: GuidanceCo
                    seed: int = 0, guidance_scale: float = 5.0, regions: bool = True) -> EditRequest:
     """The engine request for one task under one ablation configuration.
 
-    `regions`: a move drags the whole shape (its mask, as the offline locator segments it), as the agent does for
-    intentions that move an object; a resize drags a patch around the handle."""
+    `regions`: the drag carries the whole shape (its mask, as the offline locator segments it), as the agent does:
+    translated for a move, scaled about its centre for a resize."""
     semantic = "+semantic" in config or config.startswith("all")
     g = guidance if config != "reconstruct" else GuidanceConfig(**{**guidance.model_dump(), **OFF})
-    moving = regions and task.family == "move" and config != "reconstruct"
+    moving = regions and config != "reconstruct"
     return EditRequest.create(
         image=task.scene().image, points=task.points, mask=task.editable_mask() if use_mask else None,
         handle_masks=[task.source_mask()] * len(task.drags) if moving else None,
+        region_motion="scale" if task.family == "resize" else "translate",
         source_prompt=task.source_prompt, target_prompt=task.target_prompt if semantic else task.source_prompt,
         steps=steps, seed=seed, guidance_scale=guidance_scale, guidance=g,
     )
