@@ -76,8 +76,8 @@ def test_click_to_drag_in_chromium(tmp_path):
             box = page.locator("#ld-mask canvas").first.bounding_box()
             mid_x, mid_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
             # few, short mouse moves: every one re-renders the editor in software GL (slow in headless chromium)
-            for row in range(3):  # strokes must start on the picture (it is centred, ~300 px wide)
-                y = mid_y + 15 + row * 40
+            for row in range(4):  # strokes must start on the picture (it is centred, ~300 px wide)
+                y = mid_y + 10 + row * 27  # overlapping bands from the middle down past the circle
                 page.mouse.move(mid_x - 110, y)
                 page.mouse.down()
                 page.mouse.move(mid_x + 110, y, steps=3)

@@ -365,7 +365,7 @@ class WebApp:
         result.save(sess.result_path)
         selected = next((i for i, a in enumerate(final.get("attempts") or [])
                          if a.image.sha256 == chosen.image.sha256), None)
-        verdict = "✅ accepted" if accepted else "⚠ not accepted by the critic — best attempt shown"
+        verdict = "✓ accepted" if accepted else "⚠ not accepted by the critic — best attempt shown"
         lines = [f"**{verdict}**: {chosen.intention}"]
         if chosen.md_px is not None:
             lines.append(f"handle landed {chosen.md_px:.1f} px from its target")

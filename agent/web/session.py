@@ -254,7 +254,7 @@ def attempt_caption(n: int, attempt: Any, role: str) -> str:
     frac = getattr(attempt, "md_fraction", None)
     score = f"{md:.1f} px from target ({frac:.0%} of the drag)" if md is not None and frac is not None else "not scored"
     q = f", fidelity {attempt.quality:.2f}" if getattr(attempt, "quality", None) is not None else ""
-    mark = {"accepted": "✅ ACCEPTED", "rejected": "✗ rejected", "best": "⚠ best effort, not accepted",
+    mark = {"accepted": "✓ ACCEPTED", "rejected": "✗ rejected", "best": "⚠ best effort, not accepted",
             "pending": "… judging"}[role]
     return f"{n}. {mark} — {attempt.intention} · {score}{q}"
 
