@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 # Few steps, one attempt, a cheap critic: the tests check the app's plumbing, not the model's quality.
-FAST = dict(steps=4, k=2, max_attempts=1, critic_ensemble=1)
+FAST = dict(steps=3, k=2, max_attempts=1, critic_ensemble=1)
 
 
 def free_port() -> int:
