@@ -247,3 +247,36 @@ def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_ter
     assert len(terms) == 1 and terms[0].weight == 2.0 and terms[0].steps == 1
     ctx.w_quality = 0.0
     assert quality_terms_for(ctx, get_editor(ctx)) == []
+
+
+def test_aesthetic_scorer_loads_laion_layout(tmp_path):
+    """The LAION predictor's loader on a tiny random CLIP and random MLP weights in LAION's key layout."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from engine.discriminator_data import AestheticScorer, SourceItem
+
+    with pytest.raises(ModelLoadError, match="aesthetic MLP weights not found"):
+        AestheticScorer(tmp_path / "missing.safetensors", clip=str(tmp_path))
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=768)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    dims = [(1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    state = {}
+    for idx, (o, i) in zip((0, 2, 4, 6, 7), dims):
+        state[f"layers.{idx}.weight"], state[f"layers.{idx}.bias"] = torch.randn(o, i) * 0.05, torch.randn(o) * 0.05
+    save_file(state, str(tmp_path / "mlp.safetensors"))
+    sc = AestheticScorer(tmp_path / "mlp.safetensors", clip=str(tmp_path / "clip"))
+    im = Image.new("RGB", (40, 40), (10, 200, 30))
+    s, _ = sc.score(SourceItem(key="a", image=im, caption=""), im)
+    # by hand: normalised projection through the five linear layers (dropout off in eval)
+    with torch.no_grad():
+        px = sc.processor(images=im, return_tensors="pt").pixel_values
+        x = sc.clip(pixel_values=px).image_embeds
+        x = x / x.norm(dim=-1, keepdim=True)
+        for idx in (0, 2, 4, 6, 7):
+            x = x @ state[f"layers.{idx}.weight"].T + state[f"layers.{idx}.bias"]
+    assert s == pytest.approx(float(x[0, 0]), abs=1e-5) and sc.threshold == 5.0
