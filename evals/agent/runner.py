@@ -114,7 +114,7 @@ def trajectory_case(case: AgentCase, settings: LLMSettings, label: str, max_atte
 
     accepts = case.expect.critic_accepts
 
-    def fake_sample(ctx, image, drags, mask, intentions, progress=None):
+    def fake_sample(ctx, image, drags, mask, intentions, progress=None, **sampler_options):
         return SimpleNamespace(images=[image.convert("RGB") for _ in intentions])
 
     def fake_score(ctx, original, edited, drags, prompt=""):
