@@ -22,7 +22,6 @@ Methods (all through the agent graph of agent/graph.py):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -182,17 +181,14 @@ def find_result(results_dir: Path, sample: Sample) -> Path:
 
 
 def _agent_context(cfg: RunConfig, artifacts: Path):
-    from agent.context import AgentContext
+    from agent.context import AgentContext, model_defaults
 
+    # the model folder's recommended sampler and critic settings (ShapesWorld ships luciddrag.json)
     ctx = AgentContext(steps=cfg.steps, seed=cfg.seed, k=cfg.k, max_attempts=cfg.attempts, locator=cfg.locator,
-                       reasoner=cfg.reasoner, artifacts_dir=str(artifacts))  # type: ignore[arg-type]
+                       reasoner=cfg.reasoner, artifacts_dir=str(artifacts),  # type: ignore[arg-type]
+                       **model_defaults(cfg.model))
     if cfg.model:
         ctx.model = cfg.model
-        critic = Path(cfg.model) / "critic.json"  # model-specific critic calibration (ShapesWorld ships one)
-        if critic.is_file():
-            for key, value in json.loads(critic.read_text()).items():
-                if hasattr(ctx, key):
-                    setattr(ctx, key, value)
     if cfg.device:
         ctx.device = cfg.device
     if cfg.method == "fixed-intention":
