@@ -113,6 +113,9 @@ def train_command(
     good_edits: bool = typer.Option(False, help="Also use edits scoring above the threshold as positives (good and bad edits then weigh the same, so "
                     "'was it edited' is no cue)."),
     roundtrip: bool = typer.Option(True, help="Also use VAE round-trips of the real images as positives."),
+    corruptions: int = typer.Option(0, min=0, help="Locally corrupted copies (blur, smear, noise, hue, ghost, blob "
+                                    "near the drag) of each real image and good edit, as negatives: makes damage, not "
+                                    "'was it regenerated', the cue. 0 = the paper's recipe."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
@@ -127,7 +130,8 @@ def train_command(
         torch.set_num_threads(threads)
     try:
         cfg = TrainConfig(base=base, data=data, out=out, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
-                          holdout=holdout, good_edits=good_edits, roundtrip=roundtrip, seed=seed, device=device)
+                          holdout=holdout, good_edits=good_edits, roundtrip=roundtrip, corruptions=corruptions,
+                          seed=seed, device=device)
         train(cfg, resume=resume, log=typer.echo)
     except LucidDragError as exc:
         _fail(str(exc))
@@ -173,7 +177,8 @@ def eval_command(
         disc = load_discriminator(path, comps)
         frac = holdout if holdout is not None else float(cfg.notes.get("holdout", 0.15))
         notes = cfg.notes
-        exs = [e for e in examples_from(read_manifest(data), bool(notes.get("good_edits", False)))
+        exs = [e for e in examples_from(read_manifest(data), bool(notes.get("good_edits", False)),
+                                        int(notes.get("corruptions", 0)))
                if is_heldout(e.key, frac)]
         if not exs:
             raise InputError(f"no held-out examples in {data} at fraction {frac}")

@@ -51,6 +51,8 @@ class TrainConfig(BaseModel):
     holdout: float = Field(0.15, ge=0, lt=1)
     good_edits: bool = False
     roundtrip: bool = True
+    corruptions: int = Field(0, ge=0, description="Locally corrupted copies per item (of the real image, and of "
+                                                  "the edit when it is faithful and good_edits is on), as negatives.")
     seed: int = 0
     device: str | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
@@ -62,7 +64,10 @@ class Example(BaseModel):
     path: str
     caption: str
     label: int
-    kind: str  # real | roundtrip | low | high
+    kind: str  # real | roundtrip | low | high | corrupt
+    drag: list[float] | None = None  # [hx, hy, tx, ty] that a corruption is placed by
+    corrupt_seed: int | None = None  # set: this example is the image at `path` corrupted with this seed
+    corrupt_at: str = "target"
 
 
 # -- small pure functions ------------------------------------------------------------------------------------------
@@ -110,6 +115,8 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
 
 
 EDIT_BALANCED_SHARES = {"low": 0.4, "high": 0.4, "real": 0.1, "roundtrip": 0.1}
+# With local corruptions: within each class, the share of each kind (each class totals one half).
+CORRUPTION_SHARES = {"low": 0.5, "corrupt": 0.5, "high": 0.5, "real": 0.25, "roundtrip": 0.25}
 
 
 def kind_weights(kinds: Sequence[str], shares: dict[str, float]) -> torch.Tensor:
@@ -125,8 +132,23 @@ def kind_weights(kinds: Sequence[str], shares: dict[str, float]) -> torch.Tensor
 # -- data ------------------------------------------------------------------------------------------------------------
 
 
-def examples_from(records: Sequence[SynthRecord], good_edits: bool) -> list[Example]:
-    """Positives: the real images (+ good edits if asked); negatives: the low-fidelity edits."""
+def class_kind_weights(kinds: Sequence[str], labels: Sequence[int], shares: dict[str, float]) -> torch.Tensor:
+    """Per-sample weights: each class totals half the weight, split among the kinds present in it by `shares`
+    (renormalised within the class), equally among the examples of a kind."""
+    kinds, labels = list(kinds), [int(x) for x in labels]
+    w = torch.zeros(len(kinds))
+    for c in (0, 1):
+        present = {k for k, l in zip(kinds, labels) if l == c}
+        total = sum(shares.get(k, 1.0) for k in present)
+        for k in present:
+            idx = [i for i, (kk, l) in enumerate(zip(kinds, labels)) if kk == k and l == c]
+            w[idx] = 0.5 * shares.get(k, 1.0) / total / len(idx) * len(kinds)
+    return w
+
+
+def examples_from(records: Sequence[SynthRecord], good_edits: bool, corruptions: int = 0) -> list[Example]:
+    """Positives: the real images (+ good edits if asked); negatives: the low-fidelity edits, and `corruptions`
+    locally damaged copies of each real image (around the handle) and of each positive edit (around the target)."""
     out: list[Example] = []
     for r in records:
         out.append(Example(key=r.key, path=r.real, caption=r.caption, label=1, kind="real"))
@@ -134,7 +156,26 @@ def examples_from(records: Sequence[SynthRecord], good_edits: bool) -> list[Exam
             out.append(Example(key=r.key, path=r.edit, caption=r.caption, label=0, kind="low"))
         elif good_edits:
             out.append(Example(key=r.key, path=r.edit, caption=r.caption, label=1, kind="high"))
+        if not r.drags:
+            continue
+        seed = int(hashlib.sha1(r.key.encode()).hexdigest()[:8], 16)
+        for j in range(corruptions):
+            out.append(Example(key=r.key, path=r.real, caption=r.caption, label=0, kind="corrupt", drag=r.drags[0],
+                               corrupt_seed=seed * 31 + 2 * j, corrupt_at="handle"))
+            if r.label != "low" and good_edits:
+                out.append(Example(key=r.key, path=r.edit, caption=r.caption, label=0, kind="corrupt",
+                                   drag=r.drags[0], corrupt_seed=seed * 31 + 2 * j + 1, corrupt_at="target"))
     return out
+
+
+def load_example_image(data: Path, e: Example) -> Image.Image:
+    """The example's image, corrupted as the example says."""
+    im = Image.open(data / e.path).convert("RGB")
+    if e.corrupt_seed is not None:
+        from engine.discriminator_data import corrupt_locally
+
+        im, _ = corrupt_locally(im, e.drag, np.random.default_rng(e.corrupt_seed), at=e.corrupt_at)
+    return im
 
 
 def encode_examples(components, data: Path, examples: Sequence[Example], roundtrip: bool, batch: int = 64,
@@ -143,7 +184,7 @@ def encode_examples(components, data: Path, examples: Sequence[Example], roundtr
     lat, exs = [], []
     for i in tqdm(range(0, len(examples), batch), desc="encode", disable=not progress, leave=False):
         chunk = examples[i:i + batch]
-        ims = [Image.open(data / e.path).convert("RGB") for e in chunk]
+        ims = [load_example_image(data, e) for e in chunk]
         z = image_to_latents(components, ims)
         lat.append(z.float().cpu())
         exs += chunk
@@ -164,7 +205,7 @@ def cached_latents(components, cfg: TrainConfig, examples: list[Example], log: C
     """encode_examples, cached in out/latents.safetensors keyed by the examples, the base and the options."""
     from safetensors.torch import load_file, save_file
 
-    ident = hashlib.sha256(json.dumps([[e.key, e.path, e.label] for e in examples] + [
+    ident = hashlib.sha256(json.dumps([[e.key, e.path, e.label, e.corrupt_seed] for e in examples] + [
         components.name, cfg.roundtrip, str(components.unet.config.get("block_out_channels"))]).encode()).hexdigest()
     path = cfg.out / "latents.safetensors"
     meta_path = cfg.out / "latents.json"
@@ -320,13 +361,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     if not resume and (ckpt / "state.safetensors").is_file():
         raise InputError(f"{ckpt} holds a checkpoint: pass --resume to continue it, or use another --out")
 
-    examples = examples_from(records, cfg.good_edits)
+    examples = examples_from(records, cfg.good_edits, cfg.corruptions)
     lat, examples = cached_latents(components, cfg, examples, log)
     labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
     emb, emb_idx = caption_index(components, [e.caption for e in examples])
     held = torch.tensor([is_heldout(e.key, cfg.holdout) for e in examples])
     tr, ho = (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
-    counts = {k: sum(e.kind == k for e in examples) for k in ("real", "roundtrip", "low", "high")}
+    counts = {k: sum(e.kind == k for e in examples) for k in ("real", "roundtrip", "low", "high", "corrupt")}
     log(f"examples: {counts}; train {len(tr)}, held-out {len(ho)} "
         f"({int(labels[ho].sum())} positive / {int((1 - labels[ho]).sum())} negative)")
     if len(tr) < 2 or labels[tr].min() == labels[tr].max():
@@ -343,7 +384,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     ab = alphas_cumprod(components.scheduler_config)
     T = len(ab)
     dev, dt = components.device, components.dtype
-    if cfg.good_edits and counts["high"]:
+    if cfg.corruptions:
+        weights = class_kind_weights([examples[i].kind for i in tr.tolist()], labels[tr].tolist(), CORRUPTION_SHARES)
+    elif cfg.good_edits and counts["high"]:
         weights = kind_weights([examples[i].kind for i in tr.tolist()], EDIT_BALANCED_SHARES)
     else:
         weights = class_weights(labels[tr])
@@ -392,6 +435,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     log(f"held-out ({len(ho)} examples x {cfg.eval_draws} noise draws per bucket):\n" + format_buckets(heldout))
     disc.config.notes = {"trained_on": str(cfg.data), "epochs": progress["epoch"], "holdout": cfg.holdout,
                          "good_edits": cfg.good_edits, "roundtrip": cfg.roundtrip,
+                         "corruptions": cfg.corruptions,
                          "heldout_auc": {k: round(v["auc"], 4) for k, v in heldout.items()}}
     save_discriminator(disc, cfg.out)
     record = {"config": json.loads(cfg.model_dump_json()), "base": components.name, "data": {

@@ -174,6 +174,47 @@ def test_small_math():
     assert 0.15 < frac < 0.25 and is_heldout("k1", 0.2) == is_heldout("k1", 0.2)
 
 
+def test_local_corruptions_damage_only_near_the_drag():
+    from PIL import Image
+
+    from engine.discriminator_data import LOCAL_CORRUPTIONS, corrupt_locally
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    arr = np.full((64, 64, 3), 200, np.uint8)
+    arr[(xx - 40) ** 2 + (yy - 20) ** 2 <= 36] = (30, 160, 60)  # a green disc at the drag's target
+    im = Image.fromarray(arr)
+    drag = [12.0, 20.0, 40.0, 20.0]
+    far = (xx < 8) & (yy > 50)  # a corner no corruption may reach
+    for k in LOCAL_CORRUPTIONS:
+        out, kind = corrupt_locally(im, drag, np.random.default_rng(3), k)
+        diff = np.abs(np.asarray(out, float) - arr).sum(-1)
+        assert kind == k and diff.sum() > 0, k
+        assert diff[far].max() == 0, k
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt_locally(im, drag, np.random.default_rng(0), "melt")
+
+
+def test_corruption_examples_and_their_weights():
+    from engine.discriminator_data import SynthRecord
+    from engine.discriminator_train import class_kind_weights, examples_from
+
+    recs = [SynthRecord(key=f"k{i}", caption="c", real=f"real/k{i}.png", edit=f"edits/k{i}.png",
+                        drags=[[1, 2, 3, 4]], score=0, label="low" if i % 2 else "high") for i in range(4)]
+    exs = examples_from(recs, good_edits=True, corruptions=2)
+    kinds = [e.kind for e in exs]
+    # 2 corrupted reals per item + 2 corrupted good edits per high item; all negatives with a seed and the drag
+    assert kinds.count("corrupt") == 4 * 2 + 2 * 2
+    assert all(e.label == 0 and e.corrupt_seed is not None and e.drag == [1, 2, 3, 4]
+               for e in exs if e.kind == "corrupt")
+    assert len({e.corrupt_seed for e in exs if e.kind == "corrupt"}) == 12
+    assert examples_from(recs, good_edits=True, corruptions=0) == [e for e in exs if e.kind != "corrupt"]
+    w = class_kind_weights(kinds, [e.label for e in exs], {"low": 0.5, "corrupt": 0.5, "high": 0.5, "real": 0.5})
+    lab = torch.tensor([e.label for e in exs])
+    assert float(w[lab == 1].sum()) == pytest.approx(float(w[lab == 0].sum()))
+    low, cor = torch.tensor([k == "low" for k in kinds]), torch.tensor([k == "corrupt" for k in kinds])
+    assert float(w[low].sum()) == pytest.approx(float(w[cor].sum()))
+
+
 def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
     """End to end through the CLI on the ShapesWorld model: 6 items at 2 steps, 2 epochs."""
     import typer
@@ -202,13 +243,13 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
         rec["label"] = "low" if i % 2 else "high"
     (data / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
     r = runner.invoke(app, ["train-discriminator", "--data", str(data), "--out", str(out), "--epochs", "2",
-                            "--batch", "4", "--holdout", "0.3"])
+                            "--batch", "4", "--holdout", "0.3", "--good-edits", "--corruptions", "1"])
     assert r.exit_code == 0, r.output
-    assert "ROC-AUC" in r.output
+    assert "ROC-AUC" in r.output and "'corrupt': 9" in r.output  # 6 corrupted reals + 3 corrupted good edits
     rec = json.loads((out / "training_record.json").read_text())
     assert rec["epochs_done"] == 2 and (out / "roc.png").is_file() and (out / "discriminator.safetensors").is_file()
     r = runner.invoke(app, ["train-discriminator", "--data", str(data), "--out", str(out), "--epochs", "3",
-                            "--batch", "4", "--holdout", "0.3", "--resume"])
+                            "--batch", "4", "--holdout", "0.3", "--good-edits", "--corruptions", "1", "--resume"])
     assert r.exit_code == 0 and "resumed at epoch 2" in r.output
     r = runner.invoke(app, ["discriminator", "info", str(out)])
     assert r.exit_code == 0 and "threshold" in r.output

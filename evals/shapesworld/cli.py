@@ -27,12 +27,18 @@ def shapesworld(
     docs: Path = typer.Option(DOCS_DIR, help="Where loss curves, sample grid and training record go."),
     scenes: int = typer.Option(24_000, min=100, help="Number of training scenes to render."),
     vae_minutes: float | None = typer.Option(None, min=0.0, help="VAE budget in minutes (default: 30% of --minutes)."),
+    init_from: Path | None = typer.Option(
+        None, help="Continue training a trained model folder (e.g. the shipped one): keep its VAE, start the UNet and "
+                   "text encoder from its weights and spend all of --minutes on them."),
 ) -> None:
     """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
     from evals.shapesworld.train import TrainConfig, default_work_dir, train
 
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
-                      n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes)
+                      n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,
+                      init_from=init_from)
+    if init_from is not None and not (init_from / "unet").is_dir():
+        raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
     train(cfg, resume=resume)
 
 

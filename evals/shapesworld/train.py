@@ -60,6 +60,10 @@ class TrainConfig:
     checkpoint_every_s: float = 120.0
     docs_dir: Path | None = None
     threads: int = 2
+    # Continue from a trained model folder: its VAE is kept as is (no VAE phase, same latents) and its EMA UNet and
+    # text encoder are the starting weights. The whole budget goes to the UNet. Used to train a shipped model longer
+    # without redoing the phases it already paid for.
+    init_from: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------------- components
@@ -317,7 +321,14 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
     import copy
 
     torch.manual_seed(cfg.seed * 1000 + 3)
-    unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    if cfg.init_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(cfg.init_from), subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(str(cfg.init_from), subfolder="text_encoder")
+    else:
+        unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
@@ -418,6 +429,13 @@ def save_loss_curves(log: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- driver
 
 
+def _history(previous: dict | None):
+    """The chain of earlier training records a continued model carries (newest first)."""
+    while previous:
+        yield previous
+        previous = previous.get("previous")
+
+
 def default_work_dir(seed: int) -> Path:
     return Path(tempfile.gettempdir()) / f"luciddrag_shapesworld_seed{seed}"
 
@@ -434,6 +452,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     wall0 = time.time()
     budget_s = cfg.minutes * 60
     vae_budget = cfg.vae_minutes * 60 if cfg.vae_minutes is not None else budget_s * cfg.vae_fraction
+    if cfg.init_from is not None:
+        vae_budget = 0.0
     unet_budget = budget_s - vae_budget
     print(f"[shapesworld] budget {cfg.minutes:.1f} min: VAE {vae_budget / 60:.1f} min, "
           f"UNet {unet_budget / 60:.1f} min; {cfg.n_scenes} scenes; seed {cfg.seed}", flush=True)
@@ -443,20 +463,33 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     data = render_scene_set(seeds)
     render_s = time.time() - t
     log: dict = {}
-    vae = train_vae(cfg, data, vae_budget, vae_state, log)
+    previous: dict | None = None
+    if cfg.init_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(cfg.init_from), subfolder="vae").eval()
+        log["vae"] = {"steps": 0, "seconds": 0.0, "losses": [], "kept_from": str(cfg.init_from)}
+        prev_path = (cfg.docs_dir or Path("/nonexistent")) / "training_record.json"
+        if prev_path.exists():  # carry the history of the model we start from into the new record
+            prev = json.loads(prev_path.read_text())
+            previous = {k: prev.get(k) for k in ("config", "seconds", "vae", "unet", "previous")}
+    else:
+        vae = train_vae(cfg, data, vae_budget, vae_state, log)
 
     t = time.time()
     lat_path = cfg.work_dir / "latents.pt"
     cached = torch.load(lat_path) if lat_path.exists() else None
-    if isinstance(cached, dict) and cached.get("vae_steps") == log["vae"]["steps"]:
+    vae_key = log["vae"].get("kept_from") or log["vae"]["steps"]
+    if isinstance(cached, dict) and cached.get("vae_steps") == vae_key:
         latents = cached["latents"]
     else:
         latents = encode_latents(vae, data.images)
-        atomic_save({"latents": latents, "vae_steps": log["vae"]["steps"]}, lat_path)
+        atomic_save({"latents": latents, "vae_steps": vae_key}, lat_path)
         if unet_state.exists():  # trained on other latents: useless now
             print("[shapesworld] VAE changed: discarding the UNet state", flush=True)
             unet_state.unlink()
-    scaling = float(1.0 / latents.std())
+    # A kept VAE keeps its scaling factor: the UNet we continue from was trained on latents scaled by it.
+    scaling = float(vae.config.scaling_factor) if cfg.init_from is not None else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
     encode_s = time.time() - t
@@ -485,6 +518,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "latent_scaling_factor": scaling,
         "quality": q,
     }
+    if previous is not None:
+        record["previous"] = previous
+        done_before = sum(float((r.get("seconds") or {}).get(k, 0.0)) for r in _history(previous)
+                          for k in ("vae", "unet"))
+        record["cumulative_training_minutes"] = round((done_before + train_s) / 60, 1)
     if cfg.docs_dir is not None:
         cfg.docs_dir.mkdir(parents=True, exist_ok=True)
         save_loss_curves(log, cfg.docs_dir / "loss_curves.png")
