@@ -35,6 +35,7 @@ class ChatState(TypedDict, total=False):
     messages: Annotated[list, add_messages]
     image: Any  # current image: ImageRef (a path or PIL image on the first turn)
     history: list[ImageRef]  # images before each edit, for undo
+    mask: Any  # editable region of the current image (ImageRef / path / PIL, white = may change), or None
     last: dict | None  # last edit: points, base image, intentions, chosen index
     action: dict | None
     options: list[Intention] | None
@@ -168,10 +169,13 @@ def ask(state: ChatState) -> dict:
     return {"action": action, "options": None}
 
 
-def _run_edit(state: ChatState, runtime: Runtime[AgentContext], base: ImageRef, points: list, intention: Any):
+def _run_edit(state: ChatState, runtime: Runtime[AgentContext], base: ImageRef, points: list, intention: Any,
+              mask: Any = None):
     inp: dict[str, Any] = {"image": base, "points": [tuple(p) for p in points]}
     if intention is not None:
         inp["intention"] = intention
+    if mask is not None:
+        inp["mask"] = mask
     return build_graph().invoke(inp, context=runtime.context)
 
 
@@ -187,12 +191,12 @@ def act(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
             return _say(state, "Nothing to undo.")
         prev = history.pop()
         return _say(state, f"Undone. Current image: {prev.path}", image=prev, history=history, result=prev,
-                    last=None)
+                    last=None, mask=None)
     if image is None:
         return _say(state, "Send an image first (luciddrag chat --image IMG, or attach one).")
     if kind == "edit":
         points = action.get("points") or last.get("points")
-        base, intention = image, action.get("intention")
+        base, intention, mask = image, action.get("intention"), state.get("mask")
         if not points:
             return _say(state, "Which drag? Say e.g. 'drag 30,30 to 45,30'.")
         history.append(image)
@@ -200,7 +204,7 @@ def act(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
         if not last:
             return _say(state, "There is no previous edit to change yet.")
         base, points = ImageRef.model_validate(last["base"]), last["points"]
-        intention = last.get("intention")
+        intention, mask = last.get("intention"), last.get("mask")  # redone on the same base, with its region
         if kind == "try_option":
             its = last.get("intentions") or []
             k = action["index"] - 1
@@ -215,7 +219,7 @@ def act(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     else:
         return _say(state, HELP)
     try:
-        out = _run_edit(state, runtime, base, points, intention)
+        out = _run_edit(state, runtime, base, points, intention, mask)
     except LucidDragError as exc:
         return _say(state, f"I can't do that: {exc}")
     chosen = out["chosen"]
@@ -224,8 +228,10 @@ def act(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     text = (f"{verdict}: {chosen.intention} -- the handle landed {chosen.md_px:.1f} px from its target. "
             f"Result: {out['result'].path}. Ideas: {'; '.join(others)}.")
     new_last = {"points": [list(p) for p in points], "base": base, "intentions": out["intentions"],
-                "intention": chosen.model_dump(include={"intention", "source_prompt", "target_prompt"})}
-    return _say(state, text, image=out["result"], history=history, last=new_last, result=out["result"])
+                "intention": chosen.model_dump(include={"intention", "source_prompt", "target_prompt"}),
+                "mask": mask}
+    # the region was painted on the image before this edit; the new image starts without one
+    return _say(state, text, image=out["result"], history=history, last=new_last, result=out["result"], mask=None)
 
 
 def _scaled(h, t, f, base: ImageRef):

@@ -67,6 +67,38 @@ def test_offline_followups_in_one_thread(session):
     assert "Nothing to undo" in _say(g, ctx, "undo")["messages"][-1].content
 
 
+def test_painted_region_reaches_the_edit_and_its_redo(session, monkeypatch):
+    """The chat edits with the region painted on the current image; "try your second idea" redoes the edit with
+    the same region; the edited image starts without one."""
+    import numpy as np
+    from PIL import Image
+
+    import agent.chat as chat
+
+    seen = []
+    real = chat.build_graph
+
+    class Recorder:
+        def invoke(self, inp, **kw):
+            seen.append(inp.get("mask"))
+            return real().invoke(inp, **kw)
+
+    monkeypatch.setattr(chat, "build_graph", lambda: Recorder())
+    g, ctx, sc, (cx, cy) = session
+    region = np.zeros((sc.image.height, sc.image.width), np.uint8)
+    region[:, : cx + 4] = 255
+    mask = Image.fromarray(region)
+    first = _say(g, ctx, f"drag {cx},{cy} to {cx - 12},{cy}", thread="m", image=sc.image, mask=mask)
+    assert seen[0] is mask and first["mask"] is None and first["last"]["mask"] is mask
+    _say(g, ctx, "try your second idea", thread="m")
+    from agent.artifacts import ArtifactStore
+
+    # stored in the thread's checkpoint as an artifact reference: same pixels
+    assert np.array_equal(np.asarray(ArtifactStore.get_image(seen[1])), region)
+    _say(g, ctx, f"drag {cx - 12},{cy} to {cx - 20},{cy}", thread="m")
+    assert seen[2] is None
+
+
 def test_options_interrupt_then_choice(session):
     g, ctx, sc, (cx, cy) = session
     paused = _say(g, ctx, f"show me the options for {cx},{cy} to {cx - 12},{cy}", thread="hitl", image=sc.image)

@@ -162,7 +162,7 @@ class WebApp:
         ref = ArtifactStore(sess.dir / "artifacts").put_image(rgb)
         sess.set_image(rgb, ref)
         # the chat's current image follows the panel; a new image starts a new undo history
-        self._record(sess, note=note, image=ref, history=[], last=None, result=None)
+        self._record(sess, note=note, image=ref, history=[], last=None, result=None, mask=None)
         return self.ui(sess, prompt=caption or "", editor=self._editor_value(sess),
                        intent=gr.Radio(choices=[_AUTO_CHOICE], value=AUTO))
 
@@ -238,11 +238,15 @@ class WebApp:
         if mask is None or not mask.any():
             raise InputError("nothing painted: brush over the region that may change, then press 'Use region'")
         sess.mask, sess.pending = mask, None
+        # the chat edits the same image, so it uses the same region ("drag 10,10 to 20,10" in the chat box)
+        self._record(sess, mask=ArtifactStore(sess.dir / "artifacts").put_image(
+            Image.fromarray(mask.astype(np.uint8) * 255)))
         return self.ui(sess)
 
     def on_clear_mask(self, sess: Session | None) -> dict:
         sess = self.session(sess)
         sess.mask, sess.pending = None, None
+        self._record(sess, mask=None)
         return self.ui(sess, editor=self._editor_value(sess))
 
     def on_use_result(self, sess: Session | None) -> dict:
@@ -376,10 +380,11 @@ class WebApp:
         if base_ref is not None:
             history.append(base_ref)
         last = {"points": [list(p) for p in sess.points], "base": base_ref, "intentions": final.get("intentions"),
-                "intention": chosen.model_dump(include={"intention", "source_prompt", "target_prompt"})}
+                "intention": chosen.model_dump(include={"intention", "source_prompt", "target_prompt"}),
+                "mask": values.get("mask")}
         ideas = "; ".join(f"{k + 1}) {i.intention}" for k, i in enumerate(final.get("intentions") or []))
         self._record(sess, note=f"(image panel) {verdict.split(' ', 1)[1]}: {chosen.intention}. Ideas: {ideas}.",
-                     image=final["result"], history=history, last=last, result=final["result"])
+                     image=final["result"], history=history, last=last, result=final["result"], mask=None)
         return {self.c["state"]: sess,
                 self.c["gallery"]: gr.Gallery(value=self._gallery(sess), selected_index=selected),
                 self.c["result"]: enlarge(result),
