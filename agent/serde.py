@@ -49,7 +49,8 @@ class ArtifactSerde:
 # types): a checkpoint database is data, and must not be able to name arbitrary classes to construct.
 ALLOWED_TYPES = [
     ("agent.artifacts", "ImageRef"), ("agent.state", "Attempt"), ("tools.schemas", "DragPoints"),
-    ("tools.schemas", "DragPair"), ("tools.schemas", "LocatorResult"), ("tools.schemas", "HandleDescription"),
+    ("engine.request", "DragPair"), ("tools.schemas", "DragPair"),  # the latter: checkpoints written before the merge
+    ("tools.schemas", "LocatorResult"), ("tools.schemas", "HandleDescription"),
     ("tools.schemas", "Region"), ("tools.schemas", "Intention"), ("tools.schemas", "ReasonerResult"),
 ]
 

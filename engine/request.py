@@ -18,7 +18,10 @@ Point = tuple[float, float]
 
 
 class DragPair(BaseModel):
-    """One drag: the content under `handle` should end up at `target`."""
+    """One drag: the content under `handle` should end up at `target`. The one definition of a drag, shared by the
+    engine, the tools and the agent (``tools.schemas`` re-exports it)."""
+
+    model_config = ConfigDict(frozen=True)
 
     handle: Point
     target: Point
@@ -29,6 +32,14 @@ class DragPair(BaseModel):
         if not all(math.isfinite(c) for c in v):
             raise ValueError(f"point {v} is not finite (NaN or inf)")
         return v
+
+    @property
+    def vector(self) -> Point:
+        return (self.target[0] - self.handle[0], self.target[1] - self.handle[1])
+
+    @property
+    def length(self) -> float:
+        return math.hypot(*self.vector)
 
 
 class GuidanceConfig(BaseModel):

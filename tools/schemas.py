@@ -14,36 +14,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import InputError
+from engine.request import DragPair  # re-exported: the tools speak the engine's drag type
 
 Point = tuple[float, float]
 """A pixel position (x, y)."""
 
 Box = tuple[int, int, int, int]
 """A pixel box (x0, y0, x1, y1), inclusive of x0/y0 and exclusive of x1/y1 (like array slicing and PIL's crop)."""
-
-
-class DragPair(BaseModel):
-    """One drag: the user grabs ``handle`` and wants it to end up at ``target``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    handle: Point
-    target: Point
-
-    @field_validator("handle", "target")
-    @classmethod
-    def _finite(cls, value: Point) -> Point:
-        if not all(math.isfinite(v) for v in value):
-            raise ValueError(f"point {value} is not finite")
-        return value
-
-    @property
-    def vector(self) -> Point:
-        return (self.target[0] - self.handle[0], self.target[1] - self.handle[1])
-
-    @property
-    def length(self) -> float:
-        return math.hypot(*self.vector)
 
 
 class DragPoints(BaseModel):

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from engine.request import DragPair
 from evals.shapesworld import world
 
 TASK_SEED_BASE = 800_000_000
@@ -55,15 +56,7 @@ class SpecModel(BaseModel):
         return world.ShapeSpec(self.shape, self.colour, self.size, self.cx, self.cy)
 
 
-class Drag(BaseModel):
-    """Same layout as ``engine.request.DragPair``."""
-
-    handle: Point
-    target: Point
-
-    @property
-    def length(self) -> float:
-        return math.hypot(self.target[0] - self.handle[0], self.target[1] - self.handle[1])
+Drag = DragPair  # a task's drags are the engine's drags
 
 
 class DragTask(BaseModel):
