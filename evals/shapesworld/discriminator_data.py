@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFilter
+from tqdm.auto import tqdm
 
 from engine.discriminator_data import SourceItem
 from evals.shapesworld import world
@@ -156,10 +157,28 @@ def _best_threshold(good: np.ndarray, bad: np.ndarray) -> float:
     return float(best)
 
 
+def tracking_fractions(images, tasks, prompts) -> tuple[np.ndarray, float]:
+    """The critique node's other check on each image: how far from its target DIFT tracking finds each handle's
+    content, as a fraction of the drag length (the model's own critic settings from luciddrag.json); and the
+    fraction the node accepts."""
+    from agent.context import AgentContext, model_defaults
+    from agent.tools import score_drag
+    from evals.shapesworld import MODEL_DIR
+    from tools.schemas import DragPoints
+
+    ctx = AgentContext(model=str(MODEL_DIR), device="cpu", **model_defaults(MODEL_DIR))
+    return np.array([score_drag(ctx, t.scene().image, im, DragPoints.from_flat(t.points), prompt=p)["md_fraction"]
+                     for im, t, p in zip(images, tasks, prompts)]), ctx.accept_md_fraction
+
+
 def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 0, steps: int = 20,
-                     seed_base: int = CRITIC_SEED_BASE, log=print) -> dict:
+                     seed_base: int = CRITIC_SEED_BASE, log=print, tracking: bool = True) -> dict:
     """Score good (ground-truth) and deliberately broken edits of held-out tasks with the discriminator; pick the
     threshold on the even tasks, report acceptance / rejection on the odd ones, store the threshold.
+
+    `tracking`: also report the whole critique node (handle tracked within the accepted fraction of the drag AND
+    P(real) >= threshold) on the same images, plus the unedited input offered as a result (a faithful image that
+    did not move: the tracking half must reject it).
 
     `engine_edits` > 0 also scores that many engine edits (editing guidance, `steps` steps) and reports how many of
     those the exact scorer calls faithful are accepted, and how many it calls low-fidelity are rejected.
@@ -189,6 +208,21 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
                                       for k in BREAKS},
               "per_item": [{"task": t.task_id, "kind": k, "p_good": float(a), "p_broken": float(b)}
                            for t, k, a, b in zip(tasks, kinds, pg, pb)]}
+    if tracking:
+        fg, limit = tracking_fractions(good_ims, tasks, prompts)
+        fb, _ = tracking_fractions(bad_ims, tasks, prompts)
+        fu, _ = tracking_fractions([t.scene().image for t in tasks], tasks, prompts)
+        pu = np.array(score_images(disc, comps, [t.scene().image for t in tasks], prompts))
+        acc_g, acc_b, acc_u = (fg <= limit) & (pg >= th), (fb <= limit) & (pb >= th), (fu <= limit) & (pu >= th)
+        report["critic_node_test"] = {
+            "accept_md_fraction": limit,
+            "accept_good": float(acc_g[test].mean()), "reject_broken": float((~acc_b[test]).mean()),
+            "reject_unedited": float((~acc_u[test]).mean()),
+            "tracking_only": {"accept_good": float((fg[test] <= limit).mean()),
+                              "reject_broken": float((fb[test] > limit).mean()),
+                              "reject_unedited": float((fu[test] > limit).mean())},
+            "reject_by_kind": {k: float(np.mean([not acc_b[i] for i in range(n) if test[i] and kinds[i] == k]))
+                               for k in BREAKS}}
     if engine_edits:
         from engine.pipeline import DragEditor
         from evals.shapesworld.drag_eval import config_request
@@ -201,7 +235,7 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
         from engine.request import GuidanceConfig
 
         ims, fid = [], []
-        for t in etasks:
+        for t in tqdm(etasks, desc="engine edits", leave=False):
             im = editor.edit(config_request(t, "editing", steps, GuidanceConfig(), True)).image.convert("RGB")
             ims.append(im)
             fid.append(scorer.score(task_item(t), im)[0])
@@ -212,8 +246,22 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
                                   "accept_faithful": float((pe[ok] >= th).mean()) if ok.any() else None,
                                   "reject_low_fidelity": float((pe[~ok] < th).mean()) if (~ok).any() else None,
                                   "auc": _auc(pe, ok)}
+        if tracking:
+            fe, limit = tracking_fractions(ims, etasks, [t.target_prompt for t in etasks])
+            mds = [scorer.score(task_item(t), im)[1]["md_px"] for t, im in zip(etasks, ims)]
+            arrived = np.array([m is not None and m <= 3.0 for m in mds])
+            good = ok & arrived  # what a user would keep: faithful and where it was asked to go
+            acc = (fe <= limit) & (pe >= th)
+            report["engine_edits"]["critic_node"] = {
+                "n_good": int(good.sum()), "accept_good": float(acc[good].mean()) if good.any() else None,
+                "reject_bad": float((~acc[~good]).mean()) if (~good).any() else None}
     log(f"critic threshold P(real) >= {th:.3f}: held-out good accepted {report['test']['accept_good']:.0%}, "
         f"broken rejected {report['test']['reject_broken']:.0%}")
+    if tracking:
+        c = report["critic_node_test"]
+        log(f"critique node (tracking <= {c['accept_md_fraction']:.2f} x drag AND discriminator): good accepted "
+            f"{c['accept_good']:.0%}, broken rejected {c['reject_broken']:.0%}, unedited rejected "
+            f"{c['reject_unedited']:.0%}")
     if write:
         cfg = read_config(path)
         cfg.threshold = th
