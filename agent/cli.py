@@ -263,7 +263,9 @@ def bench_engine(
 def eval_shapes(
     tasks: int = typer.Option(100, min=1, help="Tasks per family (move, resize); the default suite has 100 each."),
     seed: Optional[int] = typer.Option(None, help="Seed base of the suite (default: the fixed held-out seed)."),
-    configs: str = typer.Option("reconstruct,editing,editing+semantic", help="Comma-separated ablation rows."),
+    configs: str = typer.Option("reconstruct,editing,editing+semantic", help="Comma-separated ablation rows: "
+                                "reconstruct, editing, editing+semantic, editing+quality, all; quality rows take "
+                                "overrides, e.g. editing+quality@w=10,n=10."),
     families: str = typer.Option("move,resize", help="Task families to run."),
     steps: int = typer.Option(50, min=2, help="DDIM steps."),
     mask: bool = typer.Option(True, help="Give the engine the task's editable mask (else: automatic mask)."),
@@ -283,7 +285,7 @@ def eval_shapes(
     from engine.pipeline import DragEditor
     from engine.request import GuidanceConfig
     from evals.shapesworld import MODEL_DIR
-    from evals.shapesworld.drag_eval import evaluate
+    from evals.shapesworld.drag_eval import evaluate, split_configs
 
     from agent.context import model_defaults
 
@@ -296,7 +298,7 @@ def eval_shapes(
     scale = cfg_scale if cfg_scale is not None else recommended.get("guidance_scale", 5.0)
     try:
         editor = DragEditor.from_pretrained(model_dir, device="cpu", show_progress=False)
-        evaluate(editor, tasks, seed, [c.strip() for c in configs.split(",") if c.strip()], steps,
+        evaluate(editor, tasks, seed, split_configs(configs), steps,
                  GuidanceConfig(**over), mask, out, families=[f.strip() for f in families.split(",")],
                  log=typer.echo, guidance_scale=scale, regions=regions)
     except LucidDragError as exc:

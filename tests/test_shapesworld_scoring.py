@@ -142,3 +142,12 @@ def test_preservation_psnr() -> None:
     assert psnr_outside(a, b, protect) == pytest.approx(expected)
     protect[0, 0] = True
     assert psnr_outside(a, b, protect) == 100.0
+
+
+def test_ablation_rows_keep_their_overrides() -> None:
+    from evals.shapesworld.drag_eval import split_configs
+
+    assert split_configs("reconstruct, editing+quality@w=10,n=10,all") == [
+        "reconstruct", "editing+quality@w=10,n=10", "all"]
+    assert split_configs("editing,editing+semantic,") == ["editing", "editing+semantic"]
+    assert split_configs("all@w=3,region=edit,editing") == ["all@w=3,region=edit", "editing"]

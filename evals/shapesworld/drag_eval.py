@@ -14,6 +14,7 @@ Quality rows take overrides after "@": "editing+quality@w=3,n=10" (w_q, n2), "..
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +29,20 @@ from evals.shapesworld.scoring import TaskScore, aggregate, format_table, score_
 from evals.shapesworld.tasks import DragTask, TaskSuite, default_suite
 
 OFF = dict(w_edit=0.0, w_content=0.0, w_inpaint=0.0, kv_injection=False, init_copy=False)
+
+
+def split_configs(text: str) -> list[str]:
+    """"reconstruct,editing+quality@w=10,n=10,all" -> ["reconstruct", "editing+quality@w=10,n=10", "all"]: a
+    comma-separated "key=value" belongs to the row before it."""
+    out: list[str] = []
+    for tok in (t.strip() for t in text.split(",")):
+        if not tok:
+            continue
+        if out and "@" in out[-1] and re.fullmatch(r"\w+=[^,@+]*", tok):
+            out[-1] += "," + tok
+        else:
+            out.append(tok)
+    return out
 
 
 def extra_terms_for(config: str, editor: DragEditor) -> list:
