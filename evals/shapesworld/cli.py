@@ -30,13 +30,16 @@ def shapesworld(
     init_from: Path | None = typer.Option(
         None, help="Continue training a trained model folder (e.g. the shipped one): keep its VAE, start the UNet and "
                    "text encoder from its weights and spend all of --minutes on them."),
+    layout_weight: float = typer.Option(1.0, min=0.0, help="Loss weight for noise levels t >= --layout-t (where "
+                                        "layout, i.e. position words, is decided); 1 = plain Min-SNR weighting."),
+    layout_t: int = typer.Option(600, min=0, max=999, help="Timestep from which --layout-weight applies."),
 ) -> None:
     """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
     from evals.shapesworld.train import TrainConfig, default_work_dir, train
 
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
                       n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,
-                      init_from=init_from)
+                      init_from=init_from, layout_weight=layout_weight, layout_t=layout_t)
     if init_from is not None and not (init_from / "unet").is_dir():
         raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
     train(cfg, resume=resume)
