@@ -242,10 +242,54 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         pe.mul_(d).add_(pm.detach(), alpha=1 - d)
 
 
+def _pack(obj: object, tensors: dict[str, torch.Tensor]) -> object:
+    """JSON-able tree of ``obj`` with every tensor moved into ``tensors`` (and replaced by a reference to it)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
+        return {"__tensor__": key}
+    if isinstance(obj, dict):  # keys may be ints (optimizer state), which JSON objects would turn into strings
+        return {"__items__": [[k, _pack(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _unpack(tree: object, tensors: dict[str, torch.Tensor]) -> object:
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        return {k: _unpack(v, tensors) for k, v in tree["__items__"]}
+    if isinstance(tree, list):
+        return [_unpack(v, tensors) for v in tree]
+    return tree
+
+
 def atomic_save(obj: object, path: Path) -> None:
+    """Write a resume checkpoint (nested dicts/lists of tensors and plain values) as one safetensors file.
+
+    Safetensors rather than ``torch.save``: loading it can never run code, so a work dir is safe to resume from
+    whoever wrote it. The non-tensor structure rides in the header's metadata as JSON. A crash mid-write keeps the
+    previous checkpoint (write to a temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _pack(obj, tensors)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    save_file(tensors, str(tmp), metadata={"tree": json.dumps(tree)})
     tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> object:
+    """Inverse of ``atomic_save``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tree = json.loads(f.metadata()["tree"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _unpack(tree, tensors)
 
 
 def smooth(values: list[float], k: int = 50) -> np.ndarray:
@@ -266,7 +310,7 @@ def train_vae(cfg: TrainConfig, data: SceneSet, budget_s: float, state_path: Pat
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
     step, elapsed, losses = 0, 0.0, []
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = load_checkpoint(state_path)
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
@@ -344,7 +388,7 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
     cap_rng = np.random.default_rng(cfg.seed * 1000 + 5)
     step, elapsed, losses = 0, 0.0, []
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = load_checkpoint(state_path)
         for m, k in ((unet, "unet"), (text_encoder, "te"), (ema_unet, "ema_unet"), (ema_te, "ema_te")):
             m.load_state_dict(st[k])
         opt.load_state_dict(st["opt"])
@@ -451,9 +495,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    vae_state, unet_state = cfg.work_dir / "vae_state.pt", cfg.work_dir / "unet_state.pt"
+    vae_state, unet_state = cfg.work_dir / "vae_state.safetensors", cfg.work_dir / "unet_state.safetensors"
     if not resume:
-        for p in (vae_state, unet_state, cfg.work_dir / "latents.pt"):
+        for p in (vae_state, unet_state, cfg.work_dir / "latents.safetensors"):
             p.unlink(missing_ok=True)
     wall0 = time.time()
     budget_s = cfg.minutes * 60
@@ -483,8 +527,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         vae = train_vae(cfg, data, vae_budget, vae_state, log)
 
     t = time.time()
-    lat_path = cfg.work_dir / "latents.pt"
-    cached = torch.load(lat_path) if lat_path.exists() else None
+    lat_path = cfg.work_dir / "latents.safetensors"
+    cached = load_checkpoint(lat_path) if lat_path.exists() else None
     vae_key = log["vae"].get("kept_from") or log["vae"]["steps"]
     if isinstance(cached, dict) and cached.get("vae_steps") == vae_key:
         latents = cached["latents"]
