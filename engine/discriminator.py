@@ -23,7 +23,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +61,10 @@ class DiscriminatorConfig(BaseModel):
     format_version: int = FORMAT_VERSION
     base: BaseIdentity
     head_groups: int
+    pooling: Literal["mean", "mean_max"] = Field(
+        "mean", description="Head pooling over the mid block's map: 'mean' (global average, the paper's linear "
+                            "classifier on pooled features) or 'mean_max' (average and max concatenated: a local "
+                            "artefact such as a ghost or a smear moves the max even where it barely moves the mean).")
     threshold: float = Field(0.5, description="Critic: accept when P(real) >= threshold (calibrated per base).")
     critic_timesteps: list[int] = Field(default_factory=lambda: [100, 200, 300],
                                         description="Timesteps at which the critic scores a final image.")
@@ -125,7 +129,7 @@ def _groups(channels: int, preferred: int) -> int:
 class FidelityDiscriminator(nn.Module):
     """Frozen base encoder (shared with the base UNet) + trainable mid block copy + linear head -> one logit."""
 
-    def __init__(self, unet, head_groups: int | None = None) -> None:
+    def __init__(self, unet, head_groups: int | None = None, pooling: str = "mean") -> None:
         super().__init__()
         import copy
 
@@ -141,7 +145,10 @@ class FidelityDiscriminator(nn.Module):
         self.mid_block = copy.deepcopy(unet.mid_block)  # initialised from the base, fine-tuned
         self.mid_block.requires_grad_(True)
         self.head_norm = nn.GroupNorm(self.head_groups, c)
-        self.head = nn.Linear(c, 1)
+        if pooling not in ("mean", "mean_max"):
+            raise ValueError(f"pooling must be 'mean' or 'mean_max', not {pooling!r}")
+        self.pooling = pooling
+        self.head = nn.Linear(2 * c if pooling == "mean_max" else c, 1)
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=0.01)  # small: start near P = 0.5 everywhere
         self.head_norm.to(unet.dtype)
@@ -181,8 +188,11 @@ class FidelityDiscriminator(nn.Module):
             h = self.mid_block(h, temb, encoder_hidden_states=emb)
         else:
             h = self.mid_block(h, temb)
-        h = F.silu(self.head_norm(h)).mean(dim=(2, 3))
-        return self.head(h).squeeze(-1).float()
+        h = F.silu(self.head_norm(h))
+        pooled = h.mean(dim=(2, 3))
+        if self.pooling == "mean_max":
+            pooled = torch.cat([pooled, h.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled).squeeze(-1).float()
 
 
 @dataclass
@@ -230,11 +240,12 @@ def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
 # -- building, saving, loading --------------------------------------------------------------------------------------
 
 
-def build_discriminator(components, seed: int = 0) -> Discriminator:
+def build_discriminator(components, seed: int = 0, pooling: str = "mean") -> Discriminator:
     """A fresh discriminator for a base (mid block from the base, random head)."""
     torch.manual_seed(seed)
-    model = FidelityDiscriminator(components.unet).to(components.device)
-    cfg = DiscriminatorConfig(base=base_identity(components.unet, components.name), head_groups=model.head_groups)
+    model = FidelityDiscriminator(components.unet, pooling=pooling).to(components.device)
+    cfg = DiscriminatorConfig(base=base_identity(components.unet, components.name), head_groups=model.head_groups,
+                              pooling=pooling)
     return Discriminator(model.eval(), cfg)
 
 
@@ -298,7 +309,8 @@ def load_discriminator(path: str | os.PathLike, components, use_cache: bool = Tr
         state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
     except (OSError, FileNotFoundError) as exc:
         raise ModelLoadError(f"cannot read {folder / WEIGHTS_NAME}: {str(exc).splitlines()[0]}") from None
-    model = FidelityDiscriminator(components.unet, head_groups=cfg.head_groups).to(components.device)
+    model = FidelityDiscriminator(components.unet, head_groups=cfg.head_groups, pooling=cfg.pooling).to(
+        components.device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if m.startswith(TRAINABLE_PREFIXES)]
     if missing or unexpected:

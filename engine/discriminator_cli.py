@@ -116,6 +116,8 @@ def train_command(
     corruptions: int = typer.Option(0, min=0, help="Locally corrupted copies (blur, smear, noise, hue, ghost, blob "
                                     "near the drag) of each real image and good edit, as negatives: makes damage, not "
                                     "'was it regenerated', the cue. 0 = the paper's recipe."),
+    pooling: str = typer.Option("mean", help="Head pooling: 'mean' (global average, the paper's) or 'mean_max' "
+                                "(average and max: local damage moves the max)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
@@ -126,12 +128,14 @@ def train_command(
 
     from engine.discriminator_train import TrainConfig, train
 
+    if pooling not in ("mean", "mean_max"):
+        _fail(f"--pooling must be 'mean' or 'mean_max', not {pooling!r}")
     if threads:
         torch.set_num_threads(threads)
     try:
         cfg = TrainConfig(base=base, data=data, out=out, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
                           holdout=holdout, good_edits=good_edits, roundtrip=roundtrip, corruptions=corruptions,
-                          seed=seed, device=device)
+                          pooling=pooling, seed=seed, device=device)
         train(cfg, resume=resume, log=typer.echo)
     except LucidDragError as exc:
         _fail(str(exc))

@@ -22,7 +22,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ class TrainConfig(BaseModel):
     roundtrip: bool = True
     corruptions: int = Field(0, ge=0, description="Locally corrupted copies per item (of the real image, and of "
                                                   "the edit when it is faithful and good_edits is on), as negatives.")
+    pooling: Literal["mean", "mean_max"] = "mean"
     seed: int = 0
     device: str | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
@@ -373,7 +374,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     if len(tr) < 2 or labels[tr].min() == labels[tr].max():
         raise InputError("training needs both real and low-fidelity examples: synthesise more data")
 
-    disc = build_discriminator(components, cfg.seed)
+    disc = build_discriminator(components, cfg.seed, cfg.pooling)
     model = disc.model
     opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
     progress = {"epoch": 0, "history": [], "seconds": 0.0}

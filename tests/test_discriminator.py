@@ -148,6 +148,38 @@ def test_save_load_roundtrip_and_score(comps, tmp_path):
     assert read_config(tmp_path / "d").base.name == comps.name
 
 
+def test_mean_max_pooling_sees_a_local_spike_and_round_trips(comps, tmp_path):
+    """'mean_max' feeds the head the map's max too, so a change confined to one location moves the logit through
+    the max features; the choice is stored in the config and restored on load (old configs default to 'mean')."""
+    disc = build_discriminator(comps, seed=3, pooling="mean_max")
+    assert disc.config.pooling == "mean_max" and disc.model.head.in_features == 2 * disc.model.head_norm.num_channels
+    captured = {}
+    disc.model.head.register_forward_hook(lambda m, i, o: captured.update(x=i[0].detach()))
+    z, emb = _batch(comps, n=1)
+    with torch.no_grad():
+        disc.model(z, 100, emb)
+    c = disc.model.head_norm.num_channels
+    mean_part, max_part = captured["x"][:, :c], captured["x"][:, c:]
+    assert (max_part >= mean_part - 1e-6).all() and not torch.allclose(max_part, mean_part)
+    save_discriminator(disc, tmp_path / "mm")
+    cfg_path = tmp_path / "mm" / "discriminator.json"
+    assert json.loads(cfg_path.read_text())["pooling"] == "mean_max"
+    loaded = load_discriminator(tmp_path / "mm", comps, use_cache=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(z, 100, emb), disc.model(z, 100, emb))
+    legacy = json.loads(cfg_path.read_text())
+    del legacy["pooling"]
+    assert read_config_from(legacy).pooling == "mean"
+    with pytest.raises(ValueError, match="pooling"):
+        build_discriminator(comps, pooling="median")
+
+
+def read_config_from(data: dict):
+    from engine.discriminator import DiscriminatorConfig
+
+    return DiscriminatorConfig.model_validate(data)
+
+
 def test_loading_against_a_different_base_fails_clearly(comps, other_base, tmp_path):
     disc = build_discriminator(comps)
     save_discriminator(disc, tmp_path / "d")
