@@ -138,3 +138,17 @@ def test_training_checkpoints_are_safetensors_and_resume_exactly(tmp_path: Path)
     assert (back["step"], back["losses"], back["done"]) == (7, [0.5, 0.25], False)
     with pytest.raises(TypeError, match="cannot checkpoint"):
         atomic_save({"x": object()}, tmp_path / "bad.safetensors")
+
+
+def test_four_level_unet_reaches_a_2x2_map_and_keeps_the_sd_interface() -> None:
+    """The position-word experiment's UNet: same classes and I/O as the shipped one, one more level (2x2 mid)."""
+    from evals.shapesworld.train import build_unet
+
+    unet = build_unet(4)
+    seen = {}
+    unet.mid_block.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
+    out = unet(torch.randn(2, 4, 16, 16), 500, encoder_hidden_states=torch.randn(2, 8, 64)).sample
+    assert out.shape == (2, 4, 16, 16) and seen["shape"][-2:] == (2, 2)
+    assert [type(b).__name__ for b in unet.up_blocks][-2:] == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    with pytest.raises(ValueError, match="levels"):
+        build_unet(5)

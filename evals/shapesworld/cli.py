@@ -33,15 +33,23 @@ def shapesworld(
     layout_weight: float = typer.Option(1.0, min=0.0, help="Loss weight for noise levels t >= --layout-t (where "
                                         "layout, i.e. position words, is decided); 1 = plain Min-SNR weighting."),
     layout_t: int = typer.Option(600, min=0, max=999, help="Timestep from which --layout-weight applies."),
+    fresh_unet: bool = typer.Option(False, help="With --init-from: keep only its VAE (same latents) and train a new "
+                                    "UNet and text encoder from scratch."),
+    unet_levels: int = typer.Option(3, min=3, max=4, help="UNet resolution levels for a new UNet: 3 (16-8-4, the "
+                                    "shipped model) or 4 (adds a 2x2 level, whose zero padding tells every position "
+                                    "apart: for position words)."),
 ) -> None:
     """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
     from evals.shapesworld.train import TrainConfig, default_work_dir, train
 
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
                       n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,
-                      init_from=init_from, layout_weight=layout_weight, layout_t=layout_t)
+                      init_from=init_from, layout_weight=layout_weight, layout_t=layout_t,
+                      fresh_unet=fresh_unet, unet_levels=unet_levels)
     if init_from is not None and not (init_from / "unet").is_dir():
         raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
+    if fresh_unet and init_from is None:
+        raise typer.BadParameter("--fresh-unet keeps the VAE of --init-from; give --init-from", param_hint="--fresh-unet")
     train(cfg, resume=resume)
 
 

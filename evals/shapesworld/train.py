@@ -69,6 +69,9 @@ class TrainConfig:
     # words get almost no gradient (measured: the shipped model's samples ignore them). 1.0 = off.
     layout_weight: float = 1.0
     layout_t: int = 600
+    # With init_from: keep only its VAE (and latents) and train a fresh UNet + text encoder of ``unet_levels`` levels.
+    fresh_unet: bool = False
+    unet_levels: int = 3
 
 
 # --------------------------------------------------------------------------------------------------- components
@@ -114,14 +117,22 @@ def build_vae():
         latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE)
 
 
-def build_unet():
+def build_unet(levels: int = 3):
+    """The ShapesWorld UNet: 16x16 latents, cross-attention at 16x16 and 8x8 and in the mid block.
+
+    ``levels`` = 3 (shipped): 16 -> 8 -> 4, mid block at 4x4. ``levels`` = 4 adds a 2x2 level: nothing in an SD UNet
+    encodes absolute position except zero padding, and on a 2x2 map every pixel is a different corner, so the mid
+    block's cross-attention can tell "left" from "right" (experiment for position words, see docs/shapesworld)."""
     from diffusers import UNet2DConditionModel
 
+    if levels not in (3, 4):
+        raise ValueError(f"levels must be 3 or 4, not {levels}")
+    extra = levels - 3
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D") + ("DownBlock2D",) * (1 + extra),
+        up_block_types=("UpBlock2D",) * (1 + extra) + ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64) + (64,) * extra, layers_per_block=1, cross_attention_dim=64,
         attention_head_dim=4, norm_num_groups=8)
 
 
@@ -370,14 +381,14 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
     import copy
 
     torch.manual_seed(cfg.seed * 1000 + 3)
-    if cfg.init_from is not None:
+    if cfg.init_from is not None and not cfg.fresh_unet:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         unet = UNet2DConditionModel.from_pretrained(str(cfg.init_from), subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(str(cfg.init_from), subfolder="text_encoder")
     else:
-        unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+        unet, text_encoder = build_unet(cfg.unet_levels), build_text_encoder(tokenizer)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
