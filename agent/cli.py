@@ -265,7 +265,7 @@ def eval_shapes(
     seed: Optional[int] = typer.Option(None, help="Seed base of the suite (default: the fixed held-out seed)."),
     configs: str = typer.Option("reconstruct,editing,editing+semantic", help="Comma-separated ablation rows: "
                                 "reconstruct, editing, editing+semantic, editing+quality, all; quality rows take "
-                                "overrides, e.g. editing+quality@w=10,n=10."),
+                                "overrides, e.g. editing+quality@w=10,n=10 (d=FOLDER: another discriminator)."),
     families: str = typer.Option("move,resize", help="Task families to run."),
     steps: int = typer.Option(50, min=2, help="DDIM steps."),
     mask: bool = typer.Option(True, help="Give the engine the task's editable mask (else: automatic mask)."),

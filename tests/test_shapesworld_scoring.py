@@ -151,3 +151,5 @@ def test_ablation_rows_keep_their_overrides() -> None:
         "reconstruct", "editing+quality@w=10,n=10", "all"]
     assert split_configs("editing,editing+semantic,") == ["editing", "editing+semantic"]
     assert split_configs("all@w=3,region=edit,editing") == ["all@w=3,region=edit", "editing"]
+    assert split_configs("editing+quality@w=10,d=/tmp/runs/d_2,editing") == [
+        "editing+quality@w=10,d=/tmp/runs/d_2", "editing"]

@@ -35,6 +35,8 @@ def shapesworld(
     layout_t: int = typer.Option(600, min=0, max=999, help="Timestep from which --layout-weight applies."),
     fresh_unet: bool = typer.Option(False, help="With --init-from: keep only its VAE (same latents) and train a new "
                                     "UNet and text encoder from scratch."),
+    threads: int = typer.Option(2, min=1, help="torch CPU threads (use 1 when another job shares a 2-core machine: "
+                                "oversubscribed threads run ~3x slower)."),
     unet_levels: int = typer.Option(3, min=3, max=4, help="UNet resolution levels for a new UNet: 3 (16-8-4, the "
                                     "shipped model) or 4 (adds a 2x2 level, whose zero padding tells every position "
                                     "apart: for position words)."),
@@ -45,7 +47,7 @@ def shapesworld(
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
                       n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,
                       init_from=init_from, layout_weight=layout_weight, layout_t=layout_t,
-                      fresh_unet=fresh_unet, unet_levels=unet_levels)
+                      fresh_unet=fresh_unet, unet_levels=unet_levels, threads=threads)
     if init_from is not None and not (init_from / "unet").is_dir():
         raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
     if fresh_unet and init_from is None:

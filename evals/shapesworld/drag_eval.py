@@ -8,7 +8,8 @@ Configurations (rows of the ablation table):
 - editing+semantic: the same plus the task's source -> target prompts (LucidDrag's semantic guidance);
 - editing+quality: editing guidance + quality guidance (the shipped fidelity discriminator, its recommended w_q, n2);
 - all: editing + semantic + quality guidance (LucidDrag's collaborative guidance).
-Quality rows take overrides after "@": "editing+quality@w=3,n=10" (w_q, n2), "...@region=edit".
+Quality rows take overrides after "@": "editing+quality@w=3,n=10" (w_q, n2), "...@region=edit", "...@d=FOLDER"
+(another discriminator than the shipped one).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def extra_terms_for(config: str, editor: DragEditor) -> list:
     from evals.shapesworld.discriminator_data import DISCRIMINATOR_DIR
 
     kv = dict(o.split("=", 1) for o in opts.split(",") if "=" in o)
-    disc = load_discriminator(DISCRIMINATOR_DIR, editor.c)
+    disc = load_discriminator(kv.get("d", DISCRIMINATOR_DIR), editor.c)  # d=FOLDER: try another discriminator
     return quality_terms(disc, float(kv["w"]) if "w" in kv else None, int(kv["n"]) if "n" in kv else None,
                          region=kv.get("region", "all"))
 
