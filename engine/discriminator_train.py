@@ -30,6 +30,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from engine.checkpoint import atomic_save, load_checkpoint as read_checkpoint
 from engine.discriminator import (Discriminator, build_discriminator, discrimination_loss, encode_prompts,
                                   alphas_cumprod, image_to_latents, noisy, save_discriminator)
 from engine.discriminator_data import DataMeta, SynthRecord, read_manifest
@@ -309,34 +310,16 @@ def plot_record(record: dict, path: Path) -> None:
 
 
 def save_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer, progress: dict) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().float().cpu().contiguous() for k, v in disc.model.trainable_state().items()}
-    sd = opt.state_dict()
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().float().cpu().reshape(-1 if k == "step" else v.shape).contiguous()
-    tmp = folder / "state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / "state.safetensors")  # atomic: a crash mid-write keeps the previous checkpoint
-    (folder / "progress.json").write_text(json.dumps({**progress, "param_groups": sd["param_groups"]}))
+    model = {k: v.float() for k, v in disc.model.trainable_state().items()}
+    atomic_save({"model": model, "opt": opt.state_dict(), "progress": progress}, folder / "state.safetensors")
 
 
 def load_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / "state.safetensors"))
-    progress = json.loads((folder / "progress.json").read_text())
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    disc.model.load_state_dict(model_state, strict=False)
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v.reshape(()) if name == "step" else v
-    opt.load_state_dict({"state": state, "param_groups": progress.pop("param_groups")})
-    return progress
+    state = read_checkpoint(folder / "state.safetensors")
+    disc.model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["opt"])
+    return state["progress"]
 
 
 # -- the training run ----------------------------------------------------------------------------------------------

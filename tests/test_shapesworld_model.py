@@ -109,7 +109,7 @@ def test_training_checkpoints_are_safetensors_and_resume_exactly(tmp_path: Path)
     """The trainer's resume state (weights, Adam, RNGs, progress) round-trips through one safetensors file."""
     from safetensors import safe_open
 
-    from evals.shapesworld.train import atomic_save, load_checkpoint
+    from engine.checkpoint import atomic_save, load_checkpoint
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
