@@ -152,3 +152,34 @@ def test_four_level_unet_reaches_a_2x2_map_and_keeps_the_sd_interface() -> None:
     assert [type(b).__name__ for b in unet.up_blocks][-2:] == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
     with pytest.raises(ValueError, match="levels"):
         build_unet(5)
+
+
+def test_v_prediction_loss_keeps_weight_at_high_noise_and_inverts_to_x0() -> None:
+    """v target: x0 recovers exactly from (x_t, v); its x0-error weight never drops below 1, Min-SNR eps's does."""
+    from evals.shapesworld.train import build_scheduler, loss_target_and_weight
+
+    sched = build_scheduler("v_prediction")
+    x0, noise = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
+    t = torch.tensor([10, 500, 999])
+    v, w_v = loss_target_and_weight(x0, noise, t, sched, "v_prediction", 5.0)
+    ab = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    xt = sched.add_noise(x0, noise, t)
+    torch.testing.assert_close(ab.sqrt() * xt - (1 - ab).sqrt() * v, x0, atol=1e-5, rtol=1e-5)
+    eps, w_eps = loss_target_and_weight(x0, noise, t, sched, "epsilon", 5.0)
+    assert torch.equal(eps, noise)
+    snr = (ab / (1 - ab)).flatten()
+    x0_weight_v, x0_weight_eps = w_v * (snr + 1), w_eps * snr  # v MSE = (SNR+1) x0 MSE, eps MSE = SNR x0 MSE
+    assert x0_weight_v.min() >= 1.0 - 1e-5 and x0_weight_v.max() <= 5.0 + 1e-5
+    assert x0_weight_eps[2] < 0.01  # t = 999: epsilon + Min-SNR all but ignores the step that places shapes
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_scheduler("sample")
+
+
+def test_trainer_refuses_to_continue_a_model_with_another_prediction_type(tmp_path: Path) -> None:
+    from evals.shapesworld.train import TrainConfig, check_config
+
+    cfg = TrainConfig(out=tmp_path / "o", work_dir=tmp_path / "w", init_from=FOLDER, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="predicts 'epsilon'"):
+        check_config(cfg)
+    cfg.fresh_unet = True  # a new UNet may predict what it likes; only the VAE is kept
+    check_config(cfg)

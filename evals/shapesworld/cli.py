@@ -37,21 +37,28 @@ def shapesworld(
                                     "UNet and text encoder from scratch."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads (use 1 when another job shares a 2-core machine: "
                                 "oversubscribed threads run ~3x slower)."),
+    prediction: str = typer.Option(
+        "epsilon", help="What a new UNet predicts: epsilon (SD 1.x / 2.1-base) or v_prediction (SD 2.1-768), whose "
+                        "loss keeps full weight at high noise, where layout and position words are decided."),
     unet_levels: int = typer.Option(3, min=3, max=4, help="UNet resolution levels for a new UNet: 3 (16-8-4, the "
                                     "shipped model) or 4 (adds a 2x2 level, whose zero padding tells every position "
                                     "apart: for position words)."),
 ) -> None:
     """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
-    from evals.shapesworld.train import TrainConfig, default_work_dir, train
+    from evals.shapesworld.train import TrainConfig, check_config, default_work_dir, train
 
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
                       n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,
                       init_from=init_from, layout_weight=layout_weight, layout_t=layout_t,
-                      fresh_unet=fresh_unet, unet_levels=unet_levels, threads=threads)
+                      fresh_unet=fresh_unet, unet_levels=unet_levels, threads=threads, prediction_type=prediction)
     if init_from is not None and not (init_from / "unet").is_dir():
         raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
     if fresh_unet and init_from is None:
         raise typer.BadParameter("--fresh-unet keeps the VAE of --init-from; give --init-from", param_hint="--fresh-unet")
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     train(cfg, resume=resume)
 
 

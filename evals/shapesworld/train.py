@@ -73,6 +73,10 @@ class TrainConfig:
     # With init_from: keep only its VAE (and latents) and train a fresh UNet + text encoder of ``unet_levels`` levels.
     fresh_unet: bool = False
     unet_levels: int = 3
+    # What the UNet predicts. "v_prediction" trains on v = sqrt(abar) eps - sqrt(1 - abar) x0 with x0-error weight
+    # min(SNR + 1, gamma), which never drops below 1: the high-noise steps that decide layout (where a shape goes,
+    # i.e. position words) keep real weight. "epsilon" with Min-SNR gives them x0 weight SNR (~0.005 at t = 999).
+    prediction_type: str = "epsilon"
 
 
 # --------------------------------------------------------------------------------------------------- components
@@ -137,13 +141,31 @@ def build_unet(levels: int = 3):
         attention_head_dim=4, norm_num_groups=8)
 
 
-def build_scheduler():
-    """DDIM with Stable Diffusion's settings."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def build_scheduler(prediction_type: str = "epsilon"):
+    """DDIM with Stable Diffusion's settings (SD 2.1-768 is the v_prediction one)."""
     from diffusers import DDIMScheduler
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+        prediction_type=prediction_type, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+
+
+def loss_target_and_weight(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sched, prediction_type: str,
+                           gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regression target and per-sample loss weight, written as a weight on the x0 error.
+
+    eps MSE = SNR * x0 MSE, v MSE = (SNR + 1) * x0 MSE. Epsilon with Min-SNR-gamma: x0 weight min(SNR, gamma).
+    v: x0 weight min(SNR + 1, gamma), so at high noise (SNR -> 0) the x0 error still counts fully."""
+    alphas = sched.alphas_cumprod.float()[t]
+    snr = alphas / (1 - alphas)
+    if prediction_type == "v_prediction":
+        return sched.get_velocity(x0, noise, t), torch.clamp(snr + 1, max=gamma) / (snr + 1)
+    return noise, torch.clamp(snr, max=gamma) / snr
 
 
 def model_index() -> dict:
@@ -164,14 +186,14 @@ def model_index() -> dict:
     }
 
 
-def save_model(out: Path, tokenizer, text_encoder, vae, unet) -> None:
+def save_model(out: Path, tokenizer, text_encoder, vae, unet, prediction_type: str = "epsilon") -> None:
     """Write the diffusers SD folder layout, safetensors only."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / "tokenizer")
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
-    build_scheduler().save_pretrained(out / "scheduler")
+    build_scheduler(prediction_type).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 
 
@@ -343,9 +365,7 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
-    sched = build_scheduler()
-    alphas = sched.alphas_cumprod.float()
-    snr = alphas / (1 - alphas)
+    sched = build_scheduler(cfg.prediction_type)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 4)
     cap_rng = np.random.default_rng(cfg.seed * 1000 + 5)
     step, elapsed, losses = 0, 0.0, []
@@ -384,10 +404,9 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
         xt = sched.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        # Min-SNR-gamma weighting for epsilon prediction: weight = min(SNR, gamma) / SNR.
-        w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+        target, w = loss_target_and_weight(x0, noise, t, sched, cfg.prediction_type, cfg.min_snr_gamma)
         w = w * torch.where(t >= cfg.layout_t, cfg.layout_weight, 1.0)
-        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = (w * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -422,7 +441,7 @@ def save_loss_curves(log: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key, title in ((axes[0], "vae", "VAE reconstruction MSE ([-1,1])"),
-                           (axes[1], "unet", "UNet loss (Min-SNR-5 weighted eps MSE)")):
+                           (axes[1], "unet", f"UNet loss ({log.get('unet_loss_name', 'weighted MSE')})")):
         losses = log.get(key, {}).get("losses", [])
         if losses:
             ax.plot(losses, alpha=0.25, lw=0.5, label="per step")
@@ -452,6 +471,19 @@ def default_work_dir(seed: int) -> Path:
     return Path(tempfile.gettempdir()) / f"luciddrag_shapesworld_seed{seed}"
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse combinations that would waste a training run; raises ValueError with what to do instead."""
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {cfg.prediction_type!r}")
+    if cfg.init_from is not None and not cfg.fresh_unet:
+        sched_cfg = json.loads((cfg.init_from / "scheduler" / "scheduler_config.json").read_text())
+        theirs = sched_cfg.get("prediction_type", "epsilon")
+        if theirs != cfg.prediction_type:
+            raise ValueError(f"{cfg.init_from} predicts {theirs!r}; continuing it with prediction_type "
+                             f"{cfg.prediction_type!r} would retrain its output from scratch. Use fresh_unet or "
+                             f"the same prediction type.")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run all phases and write the model folder, docs and training record. Returns the record."""
     torch.set_num_threads(cfg.threads)
@@ -461,6 +493,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if not resume:
         for p in (vae_state, unet_state, cfg.work_dir / "latents.safetensors"):
             p.unlink(missing_ok=True)
+    check_config(cfg)
     wall0 = time.time()
     budget_s = cfg.minutes * 60
     vae_budget = cfg.vae_minutes * 60 if cfg.vae_minutes is not None else budget_s * cfg.vae_fraction
@@ -474,7 +507,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     seeds = range(cfg.seed * TRAIN_SEED_STRIDE, cfg.seed * TRAIN_SEED_STRIDE + cfg.n_scenes)
     data = render_scene_set(seeds)
     render_s = time.time() - t
-    log: dict = {}
+    log: dict = {"unet_loss_name": ("v MSE, x0 weight min(SNR+1, 5)" if cfg.prediction_type == "v_prediction"
+                                    else "eps MSE, Min-SNR-5")}
     previous: dict | None = None
     if cfg.init_from is not None:
         from diffusers import AutoencoderKL
@@ -508,7 +542,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     tokenizer = build_tokenizer()
     text_encoder, unet = train_unet(cfg, data, latents, tokenizer, unet_budget, unet_state, log)
-    save_model(cfg.out, tokenizer, text_encoder, vae, unet)
+    save_model(cfg.out, tokenizer, text_encoder, vae, unet, cfg.prediction_type)
     train_s = log["vae"]["seconds"] + log["unet"]["seconds"]
     print(f"[shapesworld] saved {cfg.out}; training used {train_s / 60:.1f} of {cfg.minutes:.1f} min "
           f"(+{(render_s + encode_s) / 60:.1f} min rendering/encoding)", flush=True)
