@@ -480,7 +480,7 @@ def check_config(cfg: TrainConfig) -> None:
         theirs = sched_cfg.get("prediction_type", "epsilon")
         if theirs != cfg.prediction_type:
             raise ValueError(f"{cfg.init_from} predicts {theirs!r}; continuing it with prediction_type "
-                             f"{cfg.prediction_type!r} would retrain its output from scratch. Use fresh_unet or "
+                             f"{cfg.prediction_type!r} would retrain its output from scratch. Train a new UNet (--fresh-unet) or "
                              f"the same prediction type.")
 
 
