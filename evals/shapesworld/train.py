@@ -480,12 +480,13 @@ def check_config(cfg: TrainConfig) -> None:
         theirs = sched_cfg.get("prediction_type", "epsilon")
         if theirs != cfg.prediction_type:
             raise ValueError(f"{cfg.init_from} predicts {theirs!r}; continuing it with prediction_type "
-                             f"{cfg.prediction_type!r} would retrain its output from scratch. Train a new UNet (--fresh-unet) or "
-                             f"the same prediction type.")
+                             f"{cfg.prediction_type!r} would retrain its output from scratch. Train a new UNet "
+                             f"(--fresh-unet) or keep the same prediction type.")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run all phases and write the model folder, docs and training record. Returns the record."""
+    check_config(cfg)  # before anything in the work dir is discarded
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
@@ -493,7 +494,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if not resume:
         for p in (vae_state, unet_state, cfg.work_dir / "latents.safetensors"):
             p.unlink(missing_ok=True)
-    check_config(cfg)
     wall0 = time.time()
     budget_s = cfg.minutes * 60
     vae_budget = cfg.vae_minutes * 60 if cfg.vae_minutes is not None else budget_s * cfg.vae_fraction
