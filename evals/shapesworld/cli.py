@@ -43,6 +43,10 @@ def shapesworld(
     unet_levels: int = typer.Option(3, min=3, max=4, help="UNet resolution levels for a new UNet: 3 (16-8-4, the "
                                     "shipped model) or 4 (adds a 2x2 level, whose zero padding tells every position "
                                     "apart: for position words)."),
+    position_signal: str | None = typer.Option(
+        None, help="Give a new UNet explicit absolute position (engine/position.py): cross_attention (fixed 2D "
+                   "sin/cos codes on the cross-attention queries, so pixels can attend to the words naming their "
+                   "place) or input (added to conv_in's output). Default: none, like SD (zero padding only)."),
 ) -> None:
     """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
     from evals.shapesworld.train import TrainConfig, check_config, default_work_dir, train
@@ -50,7 +54,8 @@ def shapesworld(
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
                       n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,
                       init_from=init_from, layout_weight=layout_weight, layout_t=layout_t,
-                      fresh_unet=fresh_unet, unet_levels=unet_levels, threads=threads, prediction_type=prediction)
+                      fresh_unet=fresh_unet, unet_levels=unet_levels, threads=threads, prediction_type=prediction,
+                      position_signal=position_signal)
     if init_from is not None and not (init_from / "unet").is_dir():
         raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
     if fresh_unet and init_from is None:

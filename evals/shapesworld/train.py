@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine import position
 from engine.checkpoint import atomic_save, load_checkpoint
 from evals.shapesworld import world
 
@@ -77,6 +78,9 @@ class TrainConfig:
     # min(SNR + 1, gamma), which never drops below 1: the high-noise steps that decide layout (where a shape goes,
     # i.e. position words) keep real weight. "epsilon" with Min-SNR gives them x0 weight SNR (~0.005 at t = 999).
     prediction_type: str = "epsilon"
+    # Explicit absolute position (engine/position.py) for a fresh UNet: "cross_attention" adds fixed 2D sin/cos
+    # codes to the cross-attention queries, "input" to conv_in's output. None = stock UNet (zero padding only).
+    position_signal: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------- components
@@ -219,6 +223,7 @@ def load_components(folder: str | Path) -> Components:
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
         scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
     )
+    position.install_from_config(comps.unet)
     for m in (comps.text_encoder, comps.vae, comps.unet):
         m.eval().requires_grad_(False)
     return comps
@@ -362,6 +367,9 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
         text_encoder = CLIPTextModel.from_pretrained(str(cfg.init_from), subfolder="text_encoder")
     else:
         unet, text_encoder = build_unet(cfg.unet_levels), build_text_encoder(tokenizer)
+        if cfg.position_signal is not None:
+            position.mark(unet, cfg.position_signal)
+    position.install_from_config(unet)  # before the EMA copy, which inherits the hooks
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
@@ -475,6 +483,10 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse combinations that would waste a training run; raises ValueError with what to do instead."""
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {cfg.prediction_type!r}")
+    if cfg.position_signal is not None and cfg.position_signal not in position.MODES:
+        raise ValueError(f"position_signal must be one of {position.MODES}, not {cfg.position_signal!r}")
+    if cfg.position_signal is not None and cfg.init_from is not None and not cfg.fresh_unet:
+        raise ValueError("a position signal changes what the UNet sees; it needs a new UNet (--fresh-unet)")
     if cfg.init_from is not None and not cfg.fresh_unet:
         sched_cfg = json.loads((cfg.init_from / "scheduler" / "scheduler_config.json").read_text())
         theirs = sched_cfg.get("prediction_type", "epsilon")
