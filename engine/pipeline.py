@@ -67,6 +67,16 @@ def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: floa
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+ALPHA_BAR_FLOOR = 1e-6
+
+
+def floor_alpha_bar(alphas_cumprod: torch.Tensor, floor: float = ALPHA_BAR_FLOOR) -> torch.Tensor:
+    """Zero-terminal-SNR checkpoints have alpha_bar = 0 at t = 999, where the epsilon form our guidance works in
+    cannot give x0 (DDIM divides by sqrt(alpha_bar)). A floor of 1e-6 keeps every step defined; at that step x_t is
+    pure noise either way, and x0 moves by ~sqrt(floor) = 0.001 of the noise."""
+    return alphas_cumprod.clamp(min=floor)
+
+
 def capsule_mask(size: tuple[int, int], handles: np.ndarray, targets: np.ndarray, radius: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels within `radius[i]` of the segment handle_i -> target_i, for any i."""
     w, h = size
@@ -252,6 +262,8 @@ class DragEditor:
         inverse = DDIMInverseScheduler.from_config(sched_cfg)
         scheduler.set_timesteps(request.steps, device=c.device)
         inverse.set_timesteps(request.steps, device=c.device)
+        for s in (scheduler, inverse):
+            s.alphas_cumprod = floor_alpha_bar(s.alphas_cumprod)
         timesteps = [int(t) for t in scheduler.timesteps]
         alphas = scheduler.alphas_cumprod
 

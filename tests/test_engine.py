@@ -300,3 +300,24 @@ def test_scaling_a_region_carries_the_handle_along_its_ray():
     assert grown.sum() > latent_cells(region, 4).sum()
     changed = (out != z)[0, 0].numpy()
     assert changed.any() and not changed[~grown].any()  # only the new footprint was written
+
+
+def test_zero_terminal_snr_checkpoint_edits_without_nan(tmp_path):
+    """A v-prediction checkpoint with zero terminal SNR (alpha_bar = 0 at t = 999, sampling starts there): the
+    epsilon form the engine guides in would divide by zero there without the floor."""
+    import json
+
+    from engine.pipeline import ALPHA_BAR_FLOOR, DragEditor, floor_alpha_bar
+    from engine.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "zsnr", prediction_type="v_prediction")
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
+    cfg_path.write_text(json.dumps(cfg))
+    ed = DragEditor.from_pretrained(str(folder), device="cpu", show_progress=False)
+    res = ed.edit(_req(steps=6))
+    assert torch.isfinite(res.latents).all()
+    assert np.isfinite(np.asarray(res.image, dtype=np.float32)).all()
+    floored = floor_alpha_bar(torch.tensor([0.0, 0.5]))
+    assert floored[0] == ALPHA_BAR_FLOOR and floored[1] == 0.5

@@ -196,3 +196,25 @@ def test_trainer_refuses_a_position_signal_on_a_continued_unet(tmp_path: Path) -
     cfg.position_signal = "diagonal"
     with pytest.raises(ValueError, match="position_signal must be one of"):
         check_config(cfg)
+
+
+def test_zero_terminal_snr_schedule_hides_the_image_at_the_last_step_and_needs_v() -> None:
+    """SD's schedule leaves 7% of the image at t = 999 (enough to read a big shape's place off the noise); the
+    rescaled one leaves none, sampling starts there, and the v loss stays finite with x0 weight 1."""
+    from evals.shapesworld.train import TrainConfig, build_scheduler, check_config, loss_target_and_weight
+
+    sd, zero = build_scheduler("v_prediction"), build_scheduler("v_prediction", zero_terminal_snr=True)
+    assert float(sd.alphas_cumprod[999].sqrt()) > 0.05 and float(zero.alphas_cumprod[999]) == 0.0
+    zero.set_timesteps(30)
+    assert int(zero.timesteps[0]) == 999
+    x0, noise, t = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), torch.tensor([999, 999])
+    assert torch.equal(zero.add_noise(x0, noise, t), noise)  # nothing of the image left to read
+    v, w = loss_target_and_weight(x0, noise, t, zero, "v_prediction", 5.0)
+    torch.testing.assert_close(v, -x0)  # at pure noise the model must produce the image from the caption alone
+    assert torch.allclose(w, torch.ones(2))
+    with pytest.raises(ValueError, match="needs v_prediction"):
+        build_scheduler("epsilon", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="cannot train at zero SNR"):
+        loss_target_and_weight(x0, noise, t, zero, "epsilon", 5.0)
+    with pytest.raises(ValueError, match="zero terminal SNR needs"):
+        check_config(TrainConfig(out=Path("o"), work_dir=Path("w"), zero_terminal_snr=True))

@@ -47,6 +47,10 @@ def shapesworld(
         None, help="Give a new UNet explicit absolute position (engine/position.py): cross_attention (fixed 2D "
                    "sin/cos codes on the cross-attention queries, so pixels can attend to the words naming their "
                    "place) or input (added to conv_in's output). Default: none, like SD (zero padding only)."),
+    zero_terminal_snr: bool = typer.Option(
+        False, help="Rescale the noise schedule so t = 999 is pure noise and sample from there (needs --prediction "
+                    "v_prediction). SD's schedule leaves 7% of the image at t = 999, from which a model learns to "
+                    "take layout from the noise instead of the caption's position words."),
 ) -> None:
     """Train the ShapesWorld VAE, text encoder and UNet on the CPU and save them like a Stable Diffusion folder."""
     from evals.shapesworld.train import TrainConfig, check_config, default_work_dir, train
@@ -55,7 +59,7 @@ def shapesworld(
                       n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,
                       init_from=init_from, layout_weight=layout_weight, layout_t=layout_t,
                       fresh_unet=fresh_unet, unet_levels=unet_levels, threads=threads, prediction_type=prediction,
-                      position_signal=position_signal)
+                      position_signal=position_signal, zero_terminal_snr=zero_terminal_snr)
     if init_from is not None and not (init_from / "unet").is_dir():
         raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
     if fresh_unet and init_from is None:

@@ -81,6 +81,11 @@ class TrainConfig:
     # Explicit absolute position (engine/position.py) for a fresh UNet: "cross_attention" adds fixed 2D sin/cos
     # codes to the cross-attention queries, "input" to conv_in's output. None = stock UNet (zero padding only).
     position_signal: str | None = None
+    # Zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"): rescale
+    # SD's betas so t = 999 is pure noise, and sample with "trailing" timesteps that start there. SD's schedule
+    # leaves sqrt(abar) = 0.07 of the image at t = 999: enough for a big shape's place to be read off the noise in
+    # training, so the model learns to take layout from the noise and ignore position words. Needs v_prediction.
+    zero_terminal_snr: bool = False
 
 
 # --------------------------------------------------------------------------------------------------- components
@@ -148,15 +153,19 @@ def build_unet(levels: int = 3):
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def build_scheduler(prediction_type: str = "epsilon"):
-    """DDIM with Stable Diffusion's settings (SD 2.1-768 is the v_prediction one)."""
+def build_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """DDIM with Stable Diffusion's settings (SD 2.1-768 is the v_prediction one); optionally zero terminal SNR."""
     from diffusers import DDIMScheduler
 
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("zero terminal SNR needs v_prediction: at pure noise the noise itself is the input")
+    extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0) if zero_terminal_snr \
+        else dict(steps_offset=1)
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=prediction_type, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, **extra)
 
 
 def loss_target_and_weight(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sched, prediction_type: str,
@@ -169,6 +178,8 @@ def loss_target_and_weight(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tenso
     snr = alphas / (1 - alphas)
     if prediction_type == "v_prediction":
         return sched.get_velocity(x0, noise, t), torch.clamp(snr + 1, max=gamma) / (snr + 1)
+    if bool((snr <= 0).any()):
+        raise ValueError("epsilon prediction cannot train at zero SNR; use v_prediction")
     return noise, torch.clamp(snr, max=gamma) / snr
 
 
@@ -190,14 +201,15 @@ def model_index() -> dict:
     }
 
 
-def save_model(out: Path, tokenizer, text_encoder, vae, unet, prediction_type: str = "epsilon") -> None:
+def save_model(out: Path, tokenizer, text_encoder, vae, unet, prediction_type: str = "epsilon",
+               zero_terminal_snr: bool = False) -> None:
     """Write the diffusers SD folder layout, safetensors only."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / "tokenizer")
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
-    build_scheduler(prediction_type).save_pretrained(out / "scheduler")
+    build_scheduler(prediction_type, zero_terminal_snr).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 
 
@@ -373,7 +385,7 @@ def train_unet(cfg: TrainConfig, data: SceneSet, latents: torch.Tensor, tokenize
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
-    sched = build_scheduler(cfg.prediction_type)
+    sched = build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 4)
     cap_rng = np.random.default_rng(cfg.seed * 1000 + 5)
     step, elapsed, losses = 0, 0.0, []
@@ -483,6 +495,8 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse combinations that would waste a training run; raises ValueError with what to do instead."""
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {cfg.prediction_type!r}")
+    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
+        raise ValueError("zero terminal SNR needs --prediction v_prediction (at pure noise, eps is the input)")
     if cfg.position_signal is not None and cfg.position_signal not in position.MODES:
         raise ValueError(f"position_signal must be one of {position.MODES}, not {cfg.position_signal!r}")
     if cfg.position_signal is not None and cfg.init_from is not None and not cfg.fresh_unet:
@@ -554,7 +568,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     tokenizer = build_tokenizer()
     text_encoder, unet = train_unet(cfg, data, latents, tokenizer, unet_budget, unet_state, log)
-    save_model(cfg.out, tokenizer, text_encoder, vae, unet, cfg.prediction_type)
+    save_model(cfg.out, tokenizer, text_encoder, vae, unet, cfg.prediction_type, cfg.zero_terminal_snr)
     train_s = log["vae"]["seconds"] + log["unet"]["seconds"]
     print(f"[shapesworld] saved {cfg.out}; training used {train_s / 60:.1f} of {cfg.minutes:.1f} min "
           f"(+{(render_s + encode_s) / 60:.1f} min rendering/encoding)", flush=True)
