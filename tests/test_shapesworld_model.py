@@ -218,3 +218,18 @@ def test_zero_terminal_snr_schedule_hides_the_image_at_the_last_step_and_needs_v
         loss_target_and_weight(x0, noise, t, zero, "epsilon", 5.0)
     with pytest.raises(ValueError, match="zero terminal SNR needs"):
         check_config(TrainConfig(out=Path("o"), work_dir=Path("w"), zero_terminal_snr=True))
+
+
+def test_training_history_counts_only_what_went_into_the_model(tmp_path: Path) -> None:
+    from evals.shapesworld.train import cumulative_minutes, history_before
+
+    run1 = {"config": {"work_dir": "/w1"}, "seconds": {"vae": 600.0, "unet": 1200.0}}
+    run2 = {"config": {"work_dir": "/w2"}, "seconds": {"vae": 0.0, "unet": 1800.0}, "previous": run1}
+    # continuing run 2's UNet: all of it counts; a fresh UNet on run 2's VAE: only the VAE minutes
+    prev = history_before(run2, resume=False, work_dir=tmp_path)
+    assert cumulative_minutes(prev, 600.0, fresh_unet=False) == 70.0
+    assert cumulative_minutes(prev, 600.0, fresh_unet=True) == 20.0
+    # resuming run 2 itself (its own record in the docs folder): its history is run 1, not run 2 twice
+    again = history_before(run2, resume=True, work_dir=Path("/w2"))
+    assert again["config"] == run1["config"] and cumulative_minutes(again, 2400.0, fresh_unet=False) == 70.0
+    assert history_before({"config": {"work_dir": "/w"}}, resume=True, work_dir=Path("/w")) is None

@@ -487,6 +487,24 @@ def _history(previous: dict | None):
         previous = previous.get("previous")
 
 
+def history_before(record: dict, resume: bool, work_dir: Path) -> dict | None:
+    """What a continued run records as ``previous``, from the training record found in its docs folder.
+
+    That record is normally the starting model's; when resuming, it may be this very run's own earlier record
+    (same work dir), whose ``previous`` is then the real history."""
+    if resume and (record.get("config") or {}).get("work_dir") == str(work_dir):
+        record = record.get("previous") or {}
+    return {k: record.get(k) for k in ("config", "seconds", "vae", "unet", "previous")} if record else None
+
+
+def cumulative_minutes(previous: dict | None, train_s: float, fresh_unet: bool) -> float:
+    """Training minutes that went into the saved model: this run plus its history. A fresh UNet inherits only the
+    VAE, so earlier runs' UNet minutes do not count."""
+    kinds = ("vae",) if fresh_unet else ("vae", "unet")
+    before = sum(float((r.get("seconds") or {}).get(k, 0.0)) for r in _history(previous) for k in kinds)
+    return round((before + train_s) / 60, 1)
+
+
 def default_work_dir(seed: int) -> Path:
     return Path(tempfile.gettempdir()) / f"luciddrag_shapesworld_seed{seed}"
 
@@ -543,8 +561,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         log["vae"] = {"steps": 0, "seconds": 0.0, "losses": [], "kept_from": str(cfg.init_from)}
         prev_path = (cfg.docs_dir or Path("/nonexistent")) / "training_record.json"
         if prev_path.exists():  # carry the history of the model we start from into the new record
-            prev = json.loads(prev_path.read_text())
-            previous = {k: prev.get(k) for k in ("config", "seconds", "vae", "unet", "previous")}
+            previous = history_before(json.loads(prev_path.read_text()), resume, cfg.work_dir)
     else:
         vae = train_vae(cfg, data, vae_budget, vae_state, log)
 
@@ -592,9 +609,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     }
     if previous is not None:
         record["previous"] = previous
-        done_before = sum(float((r.get("seconds") or {}).get(k, 0.0)) for r in _history(previous)
-                          for k in ("vae", "unet"))
-        record["cumulative_training_minutes"] = round((done_before + train_s) / 60, 1)
+        record["cumulative_training_minutes"] = cumulative_minutes(previous, train_s, cfg.fresh_unet)
     if cfg.docs_dir is not None:
         cfg.docs_dir.mkdir(parents=True, exist_ok=True)
         save_loss_curves(log, cfg.docs_dir / "loss_curves.png")
