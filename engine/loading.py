@@ -157,7 +157,10 @@ def load_components(model: str | os.PathLike | None = None, device: str | None =
             f"`huggingface-cli download {model}` (or pass --model /path/to/diffusers/folder, "
             f"or set LUCIDDRAG_MODEL)."
         ) from None
-    position.install_from_config(unet)  # models trained with an explicit position signal (ShapesWorld)
+    try:
+        position.install_from_config(unet)  # models trained with an explicit position signal (ShapesWorld)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load {model!r}: {exc}") from None
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval()
     try:

@@ -413,8 +413,10 @@ class DragEditor:
                 ref_feats[t] = {b: f.detach() for b, f in feats.items()}
             # the inverse step evaluates eps at the current (less noisy) latent: the standard DDIM-inversion approximation
             prev = max(t - inverse.config.num_train_timesteps // inverse.num_inference_steps, 0)
-            eps = to_epsilon(out, latents, float(alphas[prev]), pred_type)
-            latents = inverse.step(eps, t, latents).prev_sample
+            # fp32 for the step: near zero terminal SNR it divides by sqrt(alpha_bar) ~ 1e-3 (fp16 would amplify
+            # its rounding 1000x)
+            eps = to_epsilon(out.float(), latents.float(), float(alphas[prev]), pred_type)
+            latents = inverse.step(eps, t, latents.float()).prev_sample.to(latents.dtype)
             trajectory.append(latents)
             if callback:
                 callback(StepEvent("invert", i + 1, len(ts)))
@@ -446,15 +448,19 @@ class DragEditor:
                 with torch.no_grad():
                     eps_c = self._unet(latents, t, tgt_emb, control, mode, rows)
             with torch.no_grad():
-                eps_c = to_epsilon(eps_c, latents, a_t, pred_type)
+                # CFG, guidance and the DDIM step in fp32 whatever the UNet's dtype: near zero terminal SNR the step
+                # divides by sqrt(alpha_bar) ~ 1e-3, and fp16 rounding of eps would be amplified 1000x
+                x32 = latents.float()
+                eps_c = to_epsilon(eps_c.float(), x32, a_t, pred_type)
                 eps = eps_c
                 if g_scale != 1.0:  # at scale 1 CFG is the conditional prediction: skip the unconditional pass
-                    eps_u = to_epsilon(self._unet(latents, t, null_emb, control, mode, rows), latents, a_t, pred_type)
+                    eps_u = to_epsilon(self._unet(latents, t, null_emb, control, mode, rows).float(), x32, a_t,
+                                       pred_type)
                     eps = eps_u + g_scale * (eps_c - eps_u)
                 if grad is not None:
                     # classifier guidance on epsilon (paper Eq. 16): eps + sqrt(1 - alpha_bar) * grad E
-                    eps = eps + math.sqrt(1.0 - a_t) * grad.to(eps.dtype)
-                latents = scheduler.step(eps, t, latents).prev_sample
+                    eps = eps + math.sqrt(1.0 - a_t) * grad.float()
+                latents = scheduler.step(eps, t, x32).prev_sample.to(latents.dtype)
                 if trajectory is not None:
                     # outside the editable region, follow the inversion's own path back to the input: the rest of
                     # the image stays put exactly (up to the VAE), whatever guidance did near it

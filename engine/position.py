@@ -6,20 +6,23 @@ training a CPU allows (docs/shapesworld/README.md). A model trained with a posit
 features added where the mode says:
 
 * ``"cross_attention"``: to the input of every cross-attention (so only to its queries): a pixel can then attend to
-  the words that name its place, and nothing else in the network sees raw coordinates (the features the engine
-  matches for drag tracking stay about content, not place).
+  the words that name its place. Raw coordinates never enter the residual stream; what the attention output adds
+  there does depend on place (that is the point), so the features the engine matches are somewhat place-aware.
 * ``"input"``: to the output of ``conv_in`` (CoordConv-like; every layer sees position).
 
 The signal is fixed, not learned, so it adds no weights: the UNet stays a stock ``UNet2DConditionModel`` that plain
 diffusers loads. The mode is recorded in the UNet's ``config.json`` (key ``CONFIG_KEY``) and every loader of ours
-installs it with forward pre-hooks (``install_from_config``); plain diffusers ignores the key, and the model then
-behaves as if every caption had no position words.
+installs it with forward hooks (``install_from_config``). Plain diffusers ignores the key: the model then runs on
+inputs unlike its training (not measured what it draws then; in "input" mode every layer is off).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import re
+import threading
 from typing import Any
 
 import torch
@@ -33,18 +36,26 @@ class _QuietAboutOurKey(logging.Filter):
     warning would only mislead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return CONFIG_KEY not in record.getMessage()
+        # only when ours is the sole unexpected key: any other one is still worth the warning
+        return re.search(r"\{'" + CONFIG_KEY + r"': '\w+'\}", record.getMessage()) is None
 
 
 logging.getLogger("diffusers.configuration_utils").addFilter(_QuietAboutOurKey())
 
 
 def sincos_2d(dim: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(height * width, dim) position codes; see ``_sincos_2d``. Cached: hooks call this at every attention."""
+    return _sincos_2d(dim, height, width, torch.device(device or "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sincos_2d(dim: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(height * width, dim) features of each pixel centre's normalised (x, y) in [0, 1]: half the channels for x,
     half for y, sin and cos at frequencies pi/2 .. 8 pi (geometric), row-major like a flattened feature map.
 
     Normalised coordinates give the same code to the same image place at every feature-map resolution; the top
-    frequency stays at a few periods per image so 16x16 maps do not alias it."""
+    frequency stays at a few periods per image so 16x16 maps do not alias it (on 8x8 it sits at Nyquist and on 4x4
+    the top ones alias to constants: harmless, the lowest frequencies keep every code distinct)."""
     if dim % 4:
         raise ValueError(f"position signal needs a channel count divisible by 4, not {dim}")
     k = dim // 4
@@ -62,15 +73,22 @@ def sincos_2d(dim: int, height: int, width: int, device=None, dtype=torch.float3
 
 class _FeatureMapSize:
     """Remembers the (height, width) of the last 4D input of a transformer block, for its attention hooks (which see
-    only flattened tokens)."""
+    only flattened tokens). Per thread: the agent's critic may run the shared down blocks while an edit runs."""
 
     def __init__(self) -> None:
-        self.hw: tuple[int, int] | None = None
+        self._local = threading.local()
+
+    @property
+    def hw(self) -> tuple[int, int] | None:
+        return getattr(self._local, "hw", None)
 
     def record(self, module, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
         if x is not None and x.ndim == 4:
-            self.hw = (int(x.shape[-2]), int(x.shape[-1]))
+            self._local.hw = (int(x.shape[-2]), int(x.shape[-1]))
+
+    def __deepcopy__(self, memo):  # thread-locals cannot be copied; a copied UNet gets its own, empty one
+        return _FeatureMapSize()
 
 
 class _AddToQueries:
@@ -97,7 +115,7 @@ def _add_to_output(module, args, out):
 
 
 def install(unet: torch.nn.Module, mode: str) -> list[Any]:
-    """Add the position signal to ``unet`` with forward pre-hooks; returns the hook handles (``.remove()`` undoes it).
+    """Add the position signal to ``unet`` with forward hooks; returns the hook handles (``.remove()`` undoes it).
 
     Hooks, not a patched ``forward``: the engine's attention processors and feature hooks compose with them."""
     if mode not in MODES:
@@ -107,16 +125,19 @@ def install(unet: torch.nn.Module, mode: str) -> list[Any]:
     from diffusers.models.attention_processor import Attention
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    handles = []
+    handles, n_attn = [], 0
     for block in unet.modules():
         if not isinstance(block, Transformer2DModel):
             continue
+        cross = [m for m in block.modules() if isinstance(m, Attention) and m.is_cross_attention]
+        if not cross:
+            continue
         size = _FeatureMapSize()
         handles.append(block.register_forward_pre_hook(size.record, with_kwargs=True))
-        for m in block.modules():
-            if isinstance(m, Attention) and m.is_cross_attention:
-                handles.append(m.register_forward_pre_hook(_AddToQueries(size), with_kwargs=True))
-    if len(handles) < 2:
+        for m in cross:
+            handles.append(m.register_forward_pre_hook(_AddToQueries(size), with_kwargs=True))
+            n_attn += 1
+    if n_attn == 0:
         raise ValueError("position signal 'cross_attention' needs a UNet with cross-attention transformer blocks")
     return handles
 
@@ -139,8 +160,11 @@ def mode_of(config: dict) -> str | None:
 def install_from_config(unet: torch.nn.Module, config: dict | None = None) -> str | None:
     """Install what ``config`` (default: the UNet's own) records; returns the mode or None. Idempotent per UNet."""
     mode = mode_of(config if config is not None else unet.config)
-    if mode is None or getattr(unet, "_luciddrag_position_signal", None) == mode:
+    installed = getattr(unet, "_luciddrag_position_signal", None)
+    if mode is None or installed == mode:
         return mode
+    if installed is not None:
+        raise ValueError(f"this UNet already has the {installed!r} position signal; cannot add {mode!r} on top")
     install(unet, mode)
     unet._luciddrag_position_signal = mode
     return mode

@@ -318,6 +318,5 @@ def test_zero_terminal_snr_checkpoint_edits_without_nan(tmp_path):
     ed = DragEditor.from_pretrained(str(folder), device="cpu", show_progress=False)
     res = ed.edit(_req(steps=6))
     assert torch.isfinite(res.latents).all()
-    assert np.isfinite(np.asarray(res.image, dtype=np.float32)).all()
     floored = floor_alpha_bar(torch.tensor([0.0, 0.5]))
     assert floored[0] == ALPHA_BAR_FLOOR and floored[1] == 0.5

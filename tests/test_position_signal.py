@@ -78,6 +78,12 @@ def test_signal_survives_deepcopy_and_non_square_latents():
         a = unet(x, t, encoder_hidden_states=cond).sample
         b = twin(x, t, encoder_hidden_states=cond).sample
     assert a.shape == (2, 4, 8, 12) and torch.equal(a, b)
+    # 8 rows x 12 columns, not 12 x 8 or a square guess: the first cross-attention got exactly that code
+    plain = _tiny_unet()
+    before = _query_inputs(plain, x, t, cond)
+    position.install(plain, "cross_attention")
+    after = _query_inputs(plain, x, t, cond)
+    assert torch.allclose(after[0] - before[0], position.sincos_2d(16, 8, 12)[None], atol=1e-5)
 
 
 def test_input_mode_adds_the_code_to_conv_in():
@@ -86,8 +92,11 @@ def test_input_mode_adds_the_code_to_conv_in():
     with torch.no_grad():
         plain = unet.conv_in(x)
         position.install(unet, "input")
-        added = unet.conv_in(x) - plain
-    assert torch.allclose(added[0], position.sincos_2d(16, 8, 8).T.reshape(16, 8, 8), atol=1e-6)
+        added = (unet.conv_in(x) - plain)[0]  # C x H x W
+    # the first half of the channels codes x (constant down each column, varying along a row), the rest y
+    assert torch.allclose(added[:8], added[:8, :1, :].expand(8, 8, 8), atol=1e-6)  # same in every row
+    assert torch.allclose(added[8:], added[8:, :, :1].expand(8, 8, 8), atol=1e-6)  # same in every column
+    assert not torch.allclose(added[:8, :, 0], added[:8, :, 7]) and not torch.allclose(added[8:, 0], added[8:, 7])
     with pytest.raises(ValueError, match="must be one of"):
         position.install(unet, "everywhere")
 
@@ -110,6 +119,8 @@ def test_marked_model_gets_its_signal_back_from_our_loader(tmp_path):
     n_hooks = sum(len(m._forward_pre_hooks) for m in comps.unet.modules())
     position.install_from_config(comps.unet)
     assert sum(len(m._forward_pre_hooks) for m in comps.unet.modules()) == n_hooks
+    with pytest.raises(ValueError, match="already has"):
+        position.install_from_config(comps.unet, {position.CONFIG_KEY: "input"})
     # a stock SD config has no key: nothing installed
     plain = load_components(str(build_tiny_model(tmp_path / "plain")), device="cpu")
     assert getattr(plain.unet, "_luciddrag_position_signal", None) is None

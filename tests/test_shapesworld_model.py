@@ -14,6 +14,9 @@ from evals.shapesworld import MODEL_DIR, world
 from evals.shapesworld.segment import segment_objects
 
 FOLDER = Path(os.environ.get("LUCIDDRAG_SHAPESWORLD_MODEL", MODEL_DIR))
+# Position words work in this one (zero terminal SNR + position signal); not shipped yet: the drag engine's settings
+# do not suit it (docs/shapesworld/README.md)
+CANDIDATE = MODEL_DIR.parent / "model_positions"
 pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").exists(),
                                 reason=f"no trained ShapesWorld model at {FOLDER}")
 
@@ -92,6 +95,37 @@ def test_few_step_samples_draw_the_prompted_shapes(comps) -> None:
     imgs = sample(comps, prompts, steps=8, guidance=4.0, seed=0)
     hits = sum(any(o.shape == s and o.colour == c for o in segment_objects(img)) for (s, c), img in zip(pairs, imgs))
     assert hits >= 5, f"only {hits}/6 eight-step samples show the prompted shape"
+
+
+@pytest.fixture(scope="module")
+def candidate():
+    from evals.shapesworld.train import load_components
+
+    if not (CANDIDATE / "model_index.json").exists():
+        pytest.skip(f"no candidate model at {CANDIDATE}")
+    torch.set_num_threads(2)
+    return load_components(CANDIDATE)
+
+
+def test_candidate_is_zero_snr_v_prediction_with_the_position_signal(candidate) -> None:
+    cfg = candidate.scheduler.config
+    # SD's betas rescaled to zero terminal SNR, v prediction, sampling from t = 999 (docs/shapesworld: position words)
+    assert (cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type, cfg.timestep_spacing) == \
+        (1000, "scaled_linear", "v_prediction", "trailing")
+    assert cfg.rescale_betas_zero_snr and float(candidate.scheduler.alphas_cumprod[-1]) == 0.0
+    assert getattr(candidate.unet, "_luciddrag_position_signal", None) == "cross_attention"  # installed on load
+
+
+def test_candidate_puts_the_shape_where_the_caption_says(candidate) -> None:
+    """Position words work: one prompt per grid cell, the drawn circle must land in (or next to) the named cell for
+    most of them (measured 9/9 for seeds 0-2; the shipped model scores at chance here)."""
+    from evals.shapesworld.quality import near_cell, sample
+
+    phrases = world.POSITION_PHRASES
+    images = sample(candidate, [world.describe_shape("circle", "red", "big", p) for p in phrases], steps=10,
+                    guidance=4.0, seed=0)
+    placed = [bool(objs := segment_objects(img)) and near_cell(objs[0], p, 64, 64) for p, img in zip(phrases, images)]
+    assert sum(placed) >= 7, f"only {sum(placed)}/9 circles in the named cell: {dict(zip(phrases, placed))}"
 
 
 @pytest.mark.slow
@@ -178,8 +212,10 @@ def test_v_prediction_loss_keeps_weight_at_high_noise_and_inverts_to_x0() -> Non
 def test_trainer_refuses_to_continue_a_model_with_another_prediction_type(tmp_path: Path) -> None:
     from evals.shapesworld.train import TrainConfig, check_config
 
-    cfg = TrainConfig(out=tmp_path / "o", work_dir=tmp_path / "w", init_from=FOLDER, prediction_type="v_prediction")
-    with pytest.raises(ValueError, match="predicts 'epsilon'"):
+    theirs = json.loads((FOLDER / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+    other = "epsilon" if theirs == "v_prediction" else "v_prediction"
+    cfg = TrainConfig(out=tmp_path / "o", work_dir=tmp_path / "w", init_from=FOLDER, prediction_type=other)
+    with pytest.raises(ValueError, match=f"predicts '{theirs}'"):
         check_config(cfg)
     cfg.fresh_unet = True  # a new UNet may predict what it likes; only the VAE is kept
     check_config(cfg)
@@ -188,10 +224,18 @@ def test_trainer_refuses_to_continue_a_model_with_another_prediction_type(tmp_pa
 def test_trainer_refuses_a_position_signal_on_a_continued_unet(tmp_path: Path) -> None:
     from evals.shapesworld.train import TrainConfig, check_config
 
-    cfg = TrainConfig(out=tmp_path / "o", work_dir=tmp_path / "w", init_from=FOLDER, position_signal="cross_attention")
-    with pytest.raises(ValueError, match="needs a new UNet"):
+    if not (CANDIDATE / "model_index.json").exists():
+        pytest.skip(f"no candidate model at {CANDIDATE}")
+    cfg = TrainConfig(out=tmp_path / "o", work_dir=tmp_path / "w", init_from=CANDIDATE, position_signal="input",
+                      prediction_type="v_prediction", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="needs a new UNet"):  # the candidate's signal is cross_attention
         check_config(cfg)
-    cfg.fresh_unet = True
+    cfg.position_signal = "cross_attention"  # the same signal: continuing is fine
+    check_config(cfg)
+    cfg.zero_terminal_snr = False
+    with pytest.raises(ValueError, match="trained with zero terminal SNR"):
+        check_config(cfg)
+    cfg.fresh_unet, cfg.position_signal, cfg.prediction_type = True, "input", "epsilon"
     check_config(cfg)
     cfg.position_signal = "diagonal"
     with pytest.raises(ValueError, match="position_signal must be one of"):
@@ -220,16 +264,30 @@ def test_zero_terminal_snr_schedule_hides_the_image_at_the_last_step_and_needs_v
         check_config(TrainConfig(out=Path("o"), work_dir=Path("w"), zero_terminal_snr=True))
 
 
-def test_training_history_counts_only_what_went_into_the_model(tmp_path: Path) -> None:
+def test_training_history_counts_only_what_went_into_the_model() -> None:
     from evals.shapesworld.train import cumulative_minutes, history_before
 
-    run1 = {"config": {"work_dir": "/w1"}, "seconds": {"vae": 600.0, "unet": 1200.0}}
-    run2 = {"config": {"work_dir": "/w2"}, "seconds": {"vae": 0.0, "unet": 1800.0}, "previous": run1}
+    run1 = {"run_id": "r1", "config": {"init_from": None, "fresh_unet": False},
+            "seconds": {"vae": 600.0, "unet": 1200.0}}
+    run2 = {"run_id": "r2", "config": {"init_from": "m1", "fresh_unet": False},
+            "seconds": {"vae": 0.0, "unet": 1800.0}, "previous": run1}
     # continuing run 2's UNet: all of it counts; a fresh UNet on run 2's VAE: only the VAE minutes
-    prev = history_before(run2, resume=False, work_dir=tmp_path)
+    prev = history_before(run2, run_id="r3")
     assert cumulative_minutes(prev, 600.0, fresh_unet=False) == 70.0
     assert cumulative_minutes(prev, 600.0, fresh_unet=True) == 20.0
     # resuming run 2 itself (its own record in the docs folder): its history is run 1, not run 2 twice
-    again = history_before(run2, resume=True, work_dir=Path("/w2"))
-    assert again["config"] == run1["config"] and cumulative_minutes(again, 2400.0, fresh_unet=False) == 70.0
-    assert history_before({"config": {"work_dir": "/w"}}, resume=True, work_dir=Path("/w")) is None
+    again = history_before(run2, run_id="r2")
+    assert again["run_id"] == "r1" and cumulative_minutes(again, 2400.0, fresh_unet=False) == 70.0
+    assert history_before({"run_id": "x"}, run_id="x") is None
+    # a run continuing a fresh-UNet run: UNet minutes count back to that run only, VAE minutes all the way
+    run3 = {"run_id": "r3", "config": {"init_from": "m2", "fresh_unet": True},
+            "seconds": {"vae": 0.0, "unet": 900.0}, "previous": run2}
+    assert cumulative_minutes(history_before(run3, run_id="r4"), 300.0, fresh_unet=False) == 30.0
+
+
+def test_run_id_is_new_per_fresh_start_and_kept_on_resume(tmp_path: Path) -> None:
+    from evals.shapesworld.train import run_id_of
+
+    first = run_id_of(tmp_path, fresh=True)
+    assert run_id_of(tmp_path, fresh=False) == first
+    assert run_id_of(tmp_path, fresh=True) != first

@@ -35,23 +35,24 @@ def toy_scene(seed: int) -> world.Scene:
 
 def run(out: Path, minutes: float = 12.0, prediction: str = "epsilon", zero_terminal_snr: bool = False,
         position_signal: str | None = None, levels: int = 3, n_scenes: int = 6000, threads: int = 1) -> dict:
+    cfg = T.TrainConfig(out=out / "model", work_dir=out / "work", init_from=SHIPPED, fresh_unet=True,
+                        unet_levels=levels, prediction_type=prediction, zero_terminal_snr=zero_terminal_snr,
+                        position_signal=position_signal, threads=threads)
+    T.check_config(cfg)  # before minutes of rendering
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    state = cfg.work_dir / "unet.safetensors"
+    state.unlink(missing_ok=True)  # a leftover state may be another recipe's: always start fresh
     scenes = [toy_scene(i) for i in range(n_scenes)]
     # size word left out: the caption varies in position only
     data = T.SceneSet(np.stack([s.array() for s in scenes]),
                       [[(x.shape, x.colour, None, x.position) for x in s.shapes] for s in scenes])
     base = T.load_components(SHIPPED)
     latents = T.encode_latents(base.vae, data.images) * base.vae.config.scaling_factor
-    cfg = T.TrainConfig(out=out / "model", work_dir=out / "work", init_from=SHIPPED, fresh_unet=True,
-                        unet_levels=levels, prediction_type=prediction, zero_terminal_snr=zero_terminal_snr,
-                        position_signal=position_signal, threads=threads)
-    T.check_config(cfg)
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
     log: dict = {}
     tokenizer = T.build_tokenizer()
-    text_encoder, unet = T.train_unet(cfg, data, latents, tokenizer, minutes * 60, cfg.work_dir / "unet.safetensors",
-                                      log)
+    text_encoder, unet = T.train_unet(cfg, data, latents, tokenizer, minutes * 60, state, log)
     T.save_model(cfg.out, tokenizer, text_encoder, base.vae, unet, prediction, zero_terminal_snr)
     comps = T.load_components(cfg.out)
     phrases = world.POSITION_PHRASES
@@ -82,10 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     try:
-        print(json.dumps(run(a.out, a.minutes, a.prediction, a.zero_terminal_snr, a.position_signal, a.levels,
-                             threads=a.threads)))
-    except ValueError as e:  # a recipe check_config refuses (e.g. zero SNR with epsilon)
+        T.check_config(T.TrainConfig(out=a.out, work_dir=a.out, prediction_type=a.prediction,
+                                     zero_terminal_snr=a.zero_terminal_snr, position_signal=a.position_signal))
+    except ValueError as e:  # a recipe the trainer refuses (e.g. zero SNR with epsilon)
         p.error(str(e))
+    print(json.dumps(run(a.out, a.minutes, a.prediction, a.zero_terminal_snr, a.position_signal, a.levels,
+                         threads=a.threads)))
 
 
 if __name__ == "__main__":

@@ -487,22 +487,38 @@ def _history(previous: dict | None):
         previous = previous.get("previous")
 
 
-def history_before(record: dict, resume: bool, work_dir: Path) -> dict | None:
+def history_before(record: dict, run_id: str) -> dict | None:
     """What a continued run records as ``previous``, from the training record found in its docs folder.
 
-    That record is normally the starting model's; when resuming, it may be this very run's own earlier record
-    (same work dir), whose ``previous`` is then the real history."""
-    if resume and (record.get("config") or {}).get("work_dir") == str(work_dir):
+    That record is normally the starting model's; a resumed run may find its own earlier record there (same
+    ``run_id``, which lives in the work dir), whose ``previous`` is then the real history. Work dirs alone cannot
+    tell: the default one depends only on the seed, so a model and its continuation often share it."""
+    if record.get("run_id") == run_id:
         record = record.get("previous") or {}
-    return {k: record.get(k) for k in ("config", "seconds", "vae", "unet", "previous")} if record else None
+    keys = ("run_id", "config", "seconds", "vae", "unet", "previous")
+    return {k: record.get(k) for k in keys} if record else None
 
 
 def cumulative_minutes(previous: dict | None, train_s: float, fresh_unet: bool) -> float:
     """Training minutes that went into the saved model: this run plus its history. A fresh UNet inherits only the
-    VAE, so earlier runs' UNet minutes do not count."""
-    kinds = ("vae",) if fresh_unet else ("vae", "unet")
-    before = sum(float((r.get("seconds") or {}).get(k, 0.0)) for r in _history(previous) for k in kinds)
-    return round((before + train_s) / 60, 1)
+    VAE, so UNet minutes count only back to the newest run that started its UNet afresh (or from scratch)."""
+    total, count_unet = train_s, not fresh_unet
+    for r in _history(previous):
+        secs, cfg = r.get("seconds") or {}, r.get("config") or {}
+        total += float(secs.get("vae", 0.0)) + (float(secs.get("unet", 0.0)) if count_unet else 0.0)
+        if cfg.get("fresh_unet") or not cfg.get("init_from"):
+            count_unet = False  # that run's UNet was new: nothing older went into it
+    return round(total / 60, 1)
+
+
+def run_id_of(work_dir: Path, fresh: bool) -> str:
+    """This run's id, kept in its work dir: new on a fresh start, the same when resumed."""
+    import uuid
+
+    path = work_dir / "run_id.txt"
+    if fresh or not path.exists():
+        path.write_text(uuid.uuid4().hex + "\n")
+    return path.read_text().strip()
 
 
 def default_work_dir(seed: int) -> Path:
@@ -517,8 +533,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("zero terminal SNR needs --prediction v_prediction (at pure noise, eps is the input)")
     if cfg.position_signal is not None and cfg.position_signal not in position.MODES:
         raise ValueError(f"position_signal must be one of {position.MODES}, not {cfg.position_signal!r}")
-    if cfg.position_signal is not None and cfg.init_from is not None and not cfg.fresh_unet:
-        raise ValueError("a position signal changes what the UNet sees; it needs a new UNet (--fresh-unet)")
     if cfg.init_from is not None and not cfg.fresh_unet:
         sched_cfg = json.loads((cfg.init_from / "scheduler" / "scheduler_config.json").read_text())
         theirs = sched_cfg.get("prediction_type", "epsilon")
@@ -526,6 +540,16 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{cfg.init_from} predicts {theirs!r}; continuing it with prediction_type "
                              f"{cfg.prediction_type!r} would retrain its output from scratch. Train a new UNet "
                              f"(--fresh-unet) or keep the same prediction type.")
+        their_zero = bool(sched_cfg.get("rescale_betas_zero_snr", False))
+        if their_zero != cfg.zero_terminal_snr:
+            raise ValueError(f"{cfg.init_from} was trained {'with' if their_zero else 'without'} zero terminal SNR; "
+                             f"continue it {'with' if their_zero else 'without'} --zero-terminal-snr (or train a new "
+                             f"UNet with --fresh-unet)")
+        unet_cfg = json.loads((cfg.init_from / "unet" / "config.json").read_text())
+        their_signal = position.mode_of(unet_cfg)
+        if cfg.position_signal is not None and cfg.position_signal != their_signal:
+            raise ValueError(f"{cfg.init_from} has position signal {their_signal!r}; a different one changes what "
+                             f"its UNet sees, so it needs a new UNet (--fresh-unet)")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -538,6 +562,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if not resume:
         for p in (vae_state, unet_state, cfg.work_dir / "latents.safetensors"):
             p.unlink(missing_ok=True)
+    run_id = run_id_of(cfg.work_dir, fresh=not resume)
     wall0 = time.time()
     budget_s = cfg.minutes * 60
     vae_budget = cfg.vae_minutes * 60 if cfg.vae_minutes is not None else budget_s * cfg.vae_fraction
@@ -561,7 +586,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         log["vae"] = {"steps": 0, "seconds": 0.0, "losses": [], "kept_from": str(cfg.init_from)}
         prev_path = (cfg.docs_dir or Path("/nonexistent")) / "training_record.json"
         if prev_path.exists():  # carry the history of the model we start from into the new record
-            previous = history_before(json.loads(prev_path.read_text()), resume, cfg.work_dir)
+            previous = history_before(json.loads(prev_path.read_text()), run_id)
     else:
         vae = train_vae(cfg, data, vae_budget, vae_state, log)
 
@@ -597,6 +622,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     q = quality.evaluate(comps, docs_dir=cfg.docs_dir)
     eval_s = time.time() - t
     record = {
+        "run_id": run_id,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "torch_threads": cfg.threads,
         "seconds": {"render": round(render_s, 1), "vae": log["vae"]["seconds"], "encode": round(encode_s, 1),
