@@ -45,7 +45,7 @@ logging.getLogger("diffusers.configuration_utils").addFilter(_QuietAboutOurKey()
 
 def sincos_2d(dim: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(height * width, dim) position codes; see ``_sincos_2d``. Cached: hooks call this at every attention."""
-    return _sincos_2d(dim, height, width, torch.device(device or "cpu"), dtype)
+    return _sincos_2d(dim, height, width, torch.device("cpu" if device is None else device), dtype).clone()
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,8 +87,8 @@ class _FeatureMapSize:
         if x is not None and x.ndim == 4:
             self._local.hw = (int(x.shape[-2]), int(x.shape[-1]))
 
-    def __deepcopy__(self, memo):  # thread-locals cannot be copied; a copied UNet gets its own, empty one
-        return _FeatureMapSize()
+    def __reduce__(self):  # thread-locals cannot be copied or pickled: a copy starts empty (deepcopy, torch.save)
+        return (_FeatureMapSize, ())
 
 
 class _AddToQueries:
@@ -103,14 +103,14 @@ class _AddToQueries:
         h, w = self.size.hw if self.size.hw is not None else (math.isqrt(n), math.isqrt(n))
         if h * w != n:
             raise RuntimeError(f"position signal: cannot lay {n} tokens out as a {h}x{w} map")
-        x = x + sincos_2d(x.shape[-1], h, w, x.device, x.dtype)
+        x = x + _sincos_2d(x.shape[-1], h, w, x.device, x.dtype)  # cached, shared: never modified in place
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": x}
 
 
 def _add_to_output(module, args, out):
-    return out + sincos_2d(out.shape[1], out.shape[-2], out.shape[-1], out.device, out.dtype).T.reshape(
+    return out + _sincos_2d(out.shape[1], out.shape[-2], out.shape[-1], out.device, out.dtype).T.reshape(
         1, out.shape[1], out.shape[-2], out.shape[-1])
 
 

@@ -88,15 +88,18 @@ def test_signal_survives_deepcopy_and_non_square_latents():
 
 def test_input_mode_adds_the_code_to_conv_in():
     unet = _tiny_unet()
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(1, 4, 8, 12)  # 8 rows, 12 columns: a swapped H and W would not fit
     with torch.no_grad():
         plain = unet.conv_in(x)
         position.install(unet, "input")
         added = (unet.conv_in(x) - plain)[0]  # C x H x W
     # the first half of the channels codes x (constant down each column, varying along a row), the rest y
-    assert torch.allclose(added[:8], added[:8, :1, :].expand(8, 8, 8), atol=1e-6)  # same in every row
-    assert torch.allclose(added[8:], added[8:, :, :1].expand(8, 8, 8), atol=1e-6)  # same in every column
-    assert not torch.allclose(added[:8, :, 0], added[:8, :, 7]) and not torch.allclose(added[8:, 0], added[8:, 7])
+    assert added.shape == (16, 8, 12)
+    assert torch.allclose(added[:8], added[:8, :1, :].expand(8, 8, 12), atol=1e-6)  # same in every row
+    assert torch.allclose(added[8:], added[8:, :, :1].expand(8, 8, 12), atol=1e-6)  # same in every column
+    assert not torch.allclose(added[:8, :, 0], added[:8, :, 11]) and not torch.allclose(added[8:, 0], added[8:, 7])
+    # x codes at the left and right edges differ from those of an 8-wide map: columns are normalised by the width
+    assert not torch.allclose(added[:8, 0, 0], position.sincos_2d(16, 8, 8)[0, :8])
     with pytest.raises(ValueError, match="must be one of"):
         position.install(unet, "everywhere")
 

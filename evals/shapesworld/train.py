@@ -534,7 +534,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.position_signal is not None and cfg.position_signal not in position.MODES:
         raise ValueError(f"position_signal must be one of {position.MODES}, not {cfg.position_signal!r}")
     if cfg.init_from is not None and not cfg.fresh_unet:
-        sched_cfg = json.loads((cfg.init_from / "scheduler" / "scheduler_config.json").read_text())
+        try:
+            sched_cfg = json.loads((cfg.init_from / "scheduler" / "scheduler_config.json").read_text())
+            unet_cfg = json.loads((cfg.init_from / "unet" / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{cfg.init_from} is not a complete model folder: {exc}") from None
         theirs = sched_cfg.get("prediction_type", "epsilon")
         if theirs != cfg.prediction_type:
             raise ValueError(f"{cfg.init_from} predicts {theirs!r}; continuing it with prediction_type "
@@ -545,7 +549,6 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{cfg.init_from} was trained {'with' if their_zero else 'without'} zero terminal SNR; "
                              f"continue it {'with' if their_zero else 'without'} --zero-terminal-snr (or train a new "
                              f"UNet with --fresh-unet)")
-        unet_cfg = json.loads((cfg.init_from / "unet" / "config.json").read_text())
         their_signal = position.mode_of(unet_cfg)
         if cfg.position_signal is not None and cfg.position_signal != their_signal:
             raise ValueError(f"{cfg.init_from} has position signal {their_signal!r}; a different one changes what "
