@@ -43,6 +43,13 @@ class _QuietAboutOurKey(logging.Filter):
 logging.getLogger("diffusers.configuration_utils").addFilter(_QuietAboutOurKey())
 
 
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one this module knows; ValueError otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"position_signal must be one of {MODES}, not {mode!r}")
+    return mode
+
+
 def sincos_2d(dim: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(height * width, dim) position codes; see ``_sincos_2d``. Cached: hooks call this at every attention."""
     return _sincos_2d(dim, height, width, torch.device("cpu" if device is None else device), dtype).clone()
@@ -118,9 +125,7 @@ def install(unet: torch.nn.Module, mode: str) -> list[Any]:
     """Add the position signal to ``unet`` with forward hooks; returns the hook handles (``.remove()`` undoes it).
 
     Hooks, not a patched ``forward``: the engine's attention processors and feature hooks compose with them."""
-    if mode not in MODES:
-        raise ValueError(f"position signal mode must be one of {MODES}, not {mode!r}")
-    if mode == "input":
+    if check_mode(mode) == "input":
         return [unet.conv_in.register_forward_hook(_add_to_output)]
     from diffusers.models.attention_processor import Attention
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -144,9 +149,7 @@ def install(unet: torch.nn.Module, mode: str) -> list[Any]:
 
 def mark(unet: torch.nn.Module, mode: str) -> None:
     """Record ``mode`` in the UNet's config so ``save_pretrained`` writes it and our loaders reinstall it."""
-    if mode not in MODES:
-        raise ValueError(f"position signal mode must be one of {MODES}, not {mode!r}")
-    unet.register_to_config(**{CONFIG_KEY: mode})
+    unet.register_to_config(**{CONFIG_KEY: check_mode(mode)})
 
 
 def mode_of(config: dict) -> str | None:

@@ -33,11 +33,17 @@ def toy_scene(seed: int) -> world.Scene:
     return world.scene_from_specs(bg, [spec], seed)
 
 
+def toy_config(out: Path, prediction: str, zero_terminal_snr: bool, position_signal: str | None, levels: int,
+               threads: int) -> T.TrainConfig:
+    """A fresh UNet on the shipped VAE with the recipe under test."""
+    return T.TrainConfig(out=out / "model", work_dir=out / "work", init_from=SHIPPED, fresh_unet=True,
+                         unet_levels=levels, prediction_type=prediction, zero_terminal_snr=zero_terminal_snr,
+                         position_signal=position_signal, threads=threads)
+
+
 def run(out: Path, minutes: float = 12.0, prediction: str = "epsilon", zero_terminal_snr: bool = False,
         position_signal: str | None = None, levels: int = 3, n_scenes: int = 6000, threads: int = 1) -> dict:
-    cfg = T.TrainConfig(out=out / "model", work_dir=out / "work", init_from=SHIPPED, fresh_unet=True,
-                        unet_levels=levels, prediction_type=prediction, zero_terminal_snr=zero_terminal_snr,
-                        position_signal=position_signal, threads=threads)
+    cfg = toy_config(out, prediction, zero_terminal_snr, position_signal, levels, threads)
     T.check_config(cfg)  # before minutes of rendering
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     try:
-        T.check_config(T.TrainConfig(out=a.out, work_dir=a.out, prediction_type=a.prediction,
-                                     zero_terminal_snr=a.zero_terminal_snr, position_signal=a.position_signal))
+        T.check_config(toy_config(a.out, a.prediction, a.zero_terminal_snr, a.position_signal, a.levels, a.threads))
     except ValueError as e:  # a recipe the trainer refuses (e.g. zero SNR with epsilon)
         p.error(str(e))
     print(json.dumps(run(a.out, a.minutes, a.prediction, a.zero_terminal_snr, a.position_signal, a.levels,

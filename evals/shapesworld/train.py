@@ -160,7 +160,8 @@ def build_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = 
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
     if zero_terminal_snr and prediction_type != "v_prediction":
-        raise ValueError("zero terminal SNR needs v_prediction: at pure noise the noise itself is the input")
+        raise ValueError("zero terminal SNR needs v_prediction (--prediction v_prediction): at pure noise the noise "
+                         "itself is the input")
     extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0) if zero_terminal_snr \
         else dict(steps_offset=1)
     return DDIMScheduler(
@@ -527,12 +528,9 @@ def default_work_dir(seed: int) -> Path:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse combinations that would waste a training run; raises ValueError with what to do instead."""
-    if cfg.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {cfg.prediction_type!r}")
-    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
-        raise ValueError("zero terminal SNR needs --prediction v_prediction (at pure noise, eps is the input)")
-    if cfg.position_signal is not None and cfg.position_signal not in position.MODES:
-        raise ValueError(f"position_signal must be one of {position.MODES}, not {cfg.position_signal!r}")
+    build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr)  # its own checks: known type, zero SNR needs v
+    if cfg.position_signal is not None:
+        position.check_mode(cfg.position_signal)
     if cfg.init_from is not None and not cfg.fresh_unet:
         try:
             sched_cfg = json.loads((cfg.init_from / "scheduler" / "scheduler_config.json").read_text())
