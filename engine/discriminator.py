@@ -38,7 +38,8 @@ from engine.guidance import GuidanceContext, Region
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "discriminator.safetensors"
 CONFIG_NAME = "discriminator.json"
-TRAINABLE_PREFIXES = ("mid_block.", "head_norm.", "head.")
+TRAINABLE_PREFIXES = ("mid_block.", "head_norm.", "head.", "skip_norms.")
+POOLINGS = ("mean", "mean_max", "multiscale")
 PROBES_PER_TENSOR = 4
 
 
@@ -61,10 +62,12 @@ class DiscriminatorConfig(BaseModel):
     format_version: int = FORMAT_VERSION
     base: BaseIdentity
     head_groups: int
-    pooling: Literal["mean", "mean_max"] = Field(
+    pooling: Literal["mean", "mean_max", "multiscale"] = Field(
         "mean", description="Head pooling over the mid block's map: 'mean' (global average, the paper's linear "
                             "classifier on pooled features) or 'mean_max' (average and max concatenated: a local "
-                            "artefact such as a ghost or a smear moves the max even where it barely moves the mean).")
+                            "artefact such as a ghost or a smear moves the max even where it barely moves the mean); "
+                            "'multiscale': 'mean' plus the average and max of every down block's (frozen) output, "
+                            "so the head also sees the finest maps, where small damage is still resolved.")
     threshold: float = Field(0.5, description="Critic: accept when P(real) >= threshold (calibrated per base).")
     critic_timesteps: list[int] = Field(default_factory=lambda: [100, 200, 300],
                                         description="Timesteps at which the critic scores a final image.")
@@ -145,10 +148,18 @@ class FidelityDiscriminator(nn.Module):
         self.mid_block = copy.deepcopy(unet.mid_block)  # initialised from the base, fine-tuned
         self.mid_block.requires_grad_(True)
         self.head_norm = nn.GroupNorm(self.head_groups, c)
-        if pooling not in ("mean", "mean_max"):
-            raise ValueError(f"pooling must be 'mean' or 'mean_max', not {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.pooling = pooling
-        self.head = nn.Linear(2 * c if pooling == "mean_max" else c, 1)
+        n_features = 2 * c if pooling == "mean_max" else c
+        if pooling == "multiscale":
+            # the frozen skip features have whatever scale the base gave them: a trainable norm per level puts them
+            # on one footing before the linear layer
+            skip = [int(ch) for ch in unet.config.block_out_channels]
+            self.skip_norms = nn.ModuleList(nn.GroupNorm(_groups(ch, self.head_groups), ch) for ch in skip)
+            self.skip_norms.to(unet.dtype)
+            n_features += 2 * sum(skip)
+        self.head = nn.Linear(n_features, 1)
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=0.01)  # small: start near P = 0.5 everywhere
         self.head_norm.to(unet.dtype)
@@ -165,8 +176,9 @@ class FidelityDiscriminator(nn.Module):
     def train(self, mode: bool = True) -> "FidelityDiscriminator":
         """Only the trainable parts switch mode; the shared base modules stay in eval mode (no dropout)."""
         super().train(False)
-        for m in (self.mid_block, self.head_norm, self.head):
-            m.train(mode)
+        for m in (self.mid_block, self.head_norm, self.head, getattr(self, "skip_norms", None)):
+            if m is not None:
+                m.train(mode)
         return self
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | int, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -179,11 +191,13 @@ class FidelityDiscriminator(nn.Module):
         temb = self.time_embedding(self.time_proj(t).to(latents.dtype))
         h = 2 * latents - 1.0 if self.center_input else latents
         h = self.conv_in(h)
+        skips = []
         for blk in self.down_blocks:
             if getattr(blk, "has_cross_attention", False):
-                h, _ = blk(hidden_states=h, temb=temb, encoder_hidden_states=emb)
+                h, res = blk(hidden_states=h, temb=temb, encoder_hidden_states=emb)
             else:
-                h, _ = blk(hidden_states=h, temb=temb)
+                h, res = blk(hidden_states=h, temb=temb)
+            skips.append(res[-2] if len(res) > 1 and blk.downsamplers is not None else res[-1])
         if getattr(self.mid_block, "has_cross_attention", False):
             h = self.mid_block(h, temb, encoder_hidden_states=emb)
         else:
@@ -192,6 +206,10 @@ class FidelityDiscriminator(nn.Module):
         pooled = h.mean(dim=(2, 3))
         if self.pooling == "mean_max":
             pooled = torch.cat([pooled, h.amax(dim=(2, 3))], dim=1)
+        elif self.pooling == "multiscale":
+            # each level's last pre-downsampling map: 16x16, 8x8, 4x4 on ShapesWorld
+            maps = [F.silu(norm(s)) for norm, s in zip(self.skip_norms, skips)]
+            pooled = torch.cat([pooled, *(m.mean(dim=(2, 3)) for m in maps), *(m.amax(dim=(2, 3)) for m in maps)], 1)
         return self.head(pooled).squeeze(-1).float()
 
 

@@ -116,8 +116,9 @@ def train_command(
     corruptions: int = typer.Option(0, min=0, help="Locally corrupted copies (blur, smear, noise, hue, ghost, blob "
                                     "near the drag) of each real image and good edit, as negatives: makes damage, not "
                                     "'was it regenerated', the cue. 0 = the paper's recipe."),
-    pooling: str = typer.Option("mean", help="Head pooling: 'mean' (global average, the paper's) or 'mean_max' "
-                                "(average and max: local damage moves the max)."),
+    pooling: str = typer.Option("mean", help="Head pooling: 'mean' (global average, the paper's), 'mean_max' "
+                                "(average and max: local damage moves the max) or 'multiscale' ('mean' plus average "
+                                "and max of every down block's output, down to the finest map)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
@@ -128,8 +129,10 @@ def train_command(
 
     from engine.discriminator_train import TrainConfig, train
 
-    if pooling not in ("mean", "mean_max"):
-        _fail(f"--pooling must be 'mean' or 'mean_max', not {pooling!r}")
+    from engine.discriminator import POOLINGS
+
+    if pooling not in POOLINGS:
+        _fail(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     if threads:
         torch.set_num_threads(threads)
     try:

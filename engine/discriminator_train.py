@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
     roundtrip: bool = True
     corruptions: int = Field(0, ge=0, description="Locally corrupted copies per item (of the real image, and of "
                                                   "the edit when it is faithful and good_edits is on), as negatives.")
-    pooling: Literal["mean", "mean_max"] = "mean"
+    pooling: Literal["mean", "mean_max", "multiscale"] = "mean"
     seed: int = 0
     device: str | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS

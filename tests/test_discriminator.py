@@ -174,6 +174,29 @@ def test_mean_max_pooling_sees_a_local_spike_and_round_trips(comps, tmp_path):
         build_discriminator(comps, pooling="median")
 
 
+def test_multiscale_head_sees_every_down_level_and_trains_only_its_own_norms(comps, tmp_path):
+    """'multiscale' adds the average and max of each down block's last full-resolution map: the finest map (8x8
+    on the tiny base) is there, its norms train, the shared down blocks stay frozen; saved and restored."""
+    disc = build_discriminator(comps, seed=4, pooling="multiscale")
+    levels = [int(c) for c in comps.unet.config.block_out_channels]
+    c = disc.model.head_norm.num_channels
+    assert disc.model.head.in_features == c + 2 * sum(levels)
+    trainable = {n.split(".")[0] for n, p in disc.model.named_parameters() if p.requires_grad}
+    assert trainable == {"mid_block", "head_norm", "head", "skip_norms"}
+    seen = []
+    disc.model.skip_norms[0].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    z, emb = _batch(comps, n=2)
+    out = disc.model(z, 50, emb)
+    assert seen == [(8, 8)]  # the latent's own resolution, before any downsampling
+    out.sum().backward()
+    assert disc.model.skip_norms[0].weight.grad is not None
+    assert all(p.grad is None for p in comps.unet.down_blocks.parameters())
+    save_discriminator(disc, tmp_path / "ms")
+    loaded = load_discriminator(tmp_path / "ms", comps, use_cache=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(z, 50, emb), disc.model(z, 50, emb))
+
+
 def read_config_from(data: dict):
     from engine.discriminator import DiscriminatorConfig
 
