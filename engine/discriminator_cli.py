@@ -127,9 +127,8 @@ def train_command(
     """Train the fidelity discriminator (frozen down blocks, fine-tuned mid block + linear head) on noisy latents."""
     import torch
 
-    from engine.discriminator_train import TrainConfig, train
-
     from engine.discriminator import POOLINGS
+    from engine.discriminator_train import TrainConfig, train
 
     if pooling not in POOLINGS:
         _fail(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")

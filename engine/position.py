@@ -2,7 +2,8 @@
 
 A convolutional UNet knows where a pixel is only through zero padding, and SD's attention blocks carry no positional
 embedding. On ShapesWorld that left position words ("a red circle on the left") ignored after every amount of
-training a CPU allows (docs/shapesworld/README.md). A model trained with a position signal gets fixed 2D sine/cosine
+training a CPU allows; the shipped ShapesWorld model is trained with this signal ("cross_attention") and v prediction
+and follows them (docs/shapesworld/README.md). A model trained with a position signal gets fixed 2D sine/cosine
 features added where the mode says:
 
 * ``"cross_attention"``: to the input of every cross-attention (so only to its queries): a pixel can then attend to
