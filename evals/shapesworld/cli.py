@@ -69,9 +69,6 @@ def shapesworld(
                       zero_terminal_snr=zero_terminal_snr)
     if init_from is not None and not (init_from / "unet").is_dir():
         raise typer.BadParameter(f"{init_from} is not a model folder (no unet/ inside)", param_hint="--init-from")
-    if init_from is None and vae_minutes is not None and vae_minutes >= minutes:
-        raise typer.BadParameter(f"the VAE's {vae_minutes:g} min would leave nothing of --minutes {minutes:g} for the "
-                                 f"UNet; give a smaller --vae-minutes", param_hint="--vae-minutes")
     if fresh_unet and init_from is None:
         raise typer.BadParameter("--fresh-unet keeps the VAE of --init-from; give --init-from", param_hint="--fresh-unet")
     try:

@@ -529,6 +529,9 @@ def default_work_dir(seed: int) -> Path:
 def check_config(cfg: TrainConfig) -> None:
     """Refuse combinations that would waste a training run; raises ValueError with what to do instead."""
     build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr)  # its own checks: known type, zero SNR needs v
+    if cfg.init_from is None and cfg.vae_minutes is not None and cfg.vae_minutes >= cfg.minutes:
+        raise ValueError(f"the VAE's {cfg.vae_minutes:g} min would leave nothing of --minutes {cfg.minutes:g} for the "
+                         f"UNet; give a smaller --vae-minutes")
     if cfg.position_signal is not None:
         position.check_mode(cfg.position_signal)
     if cfg.init_from is not None and not cfg.fresh_unet:
