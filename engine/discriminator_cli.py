@@ -119,6 +119,10 @@ def train_command(
     pooling: str = typer.Option("mean", help="Head pooling: 'mean' (global average, the paper's), 'mean_max' "
                                 "(average and max: local damage moves the max) or 'multiscale' ('mean' plus average "
                                 "and max of every down block's output, down to the finest map)."),
+    flip: bool = typer.Option(False, help="Also train on every example mirrored left-right, its caption's "
+                              "'left'/'right' swapped: twice the data for no synthesis (not in the paper)."),
+    val: float = typer.Option(0.0, min=0.0, max=0.5, help="Fraction of items set apart to pick the best epoch by "
+                              "validation ROC-AUC at t<500 (0: keep the last epoch, the paper's)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
@@ -137,7 +141,7 @@ def train_command(
     try:
         cfg = TrainConfig(base=base, data=data, out=out, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
                           holdout=holdout, good_edits=good_edits, roundtrip=roundtrip, corruptions=corruptions,
-                          pooling=pooling, seed=seed, device=device)
+                          pooling=pooling, flip=flip, val=val, seed=seed, device=device)
         train(cfg, resume=resume, log=typer.echo)
     except LucidDragError as exc:
         _fail(str(exc))

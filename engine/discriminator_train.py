@@ -7,6 +7,11 @@ scoring below the scorer's threshold (label 0), and optionally
   fidelity that would make the critic reject every edit);
 - edits scoring above the threshold (label 1, off by default, not in the paper's recipe).
 
+Two options beyond the paper, both off by default: `flip` adds every example mirrored left-right (its caption's
+"left" and "right" swapped), which doubles the data at no synthesis cost; `val` sets a validation split apart
+(by key, like the held-out one), scores it every few epochs, and keeps the epoch that scored best -- on small data
+the discriminator overfits well before the last epoch, and choosing on the reported held-out split would flatter it.
+
 Each step draws t uniformly from the base's training timesteps and noises the clean latents with the base's own
 schedule, so one discriminator serves every sampling step. Classes are balanced by per-sample loss weights.
 Items (a real image and its edit) are split into train / held-out by a hash of their key, so no scene is on both sides.
@@ -55,6 +60,10 @@ class TrainConfig(BaseModel):
     corruptions: int = Field(0, ge=0, description="Locally corrupted copies per item (of the real image, and of "
                                                   "the edit when it is faithful and good_edits is on), as negatives.")
     pooling: Literal["mean", "mean_max", "multiscale"] = "mean"
+    flip: bool = Field(False, description="Also train on every example mirrored left-right (caption mirrored too).")
+    val: float = Field(0.0, ge=0, lt=1, description="Fraction of items for a validation split that picks the best "
+                                                   "epoch (0: keep the last epoch).")
+    eval_every: int = Field(5, ge=1, description="Epochs between validation scores.")
     seed: int = 0
     device: str | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
@@ -70,6 +79,7 @@ class Example(BaseModel):
     drag: list[float] | None = None  # [hx, hy, tx, ty] that a corruption is placed by
     corrupt_seed: int | None = None  # set: this example is the image at `path` corrupted with this seed
     corrupt_at: str = "target"
+    flipped: bool = False  # mirrored left-right (the caption is stored mirrored)
 
 
 # -- small pure functions ------------------------------------------------------------------------------------------
@@ -79,6 +89,23 @@ def is_heldout(key: str, fraction: float) -> bool:
     """Deterministic split by key (stable across runs, machines and data-set growth)."""
     h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return h < fraction
+
+
+def split_of(key: str, holdout: float, val: float = 0.0) -> Literal["heldout", "val", "train"]:
+    """Which split an item belongs to: the same hash as `is_heldout`, so adding a validation split never moves an
+    item into or out of the reported held-out split."""
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "heldout" if h < holdout else "val" if h < holdout + val else "train"
+
+
+_MIRRORED = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the left-right mirrored image: "left" and "right" swap (whole words, case kept)."""
+    import re
+
+    return re.sub(r"\b(left|right|Left|Right|LEFT|RIGHT)\b", lambda m: _MIRRORED[m.group(1)], caption)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -148,9 +175,18 @@ def class_kind_weights(kinds: Sequence[str], labels: Sequence[int], shares: dict
     return w
 
 
-def examples_from(records: Sequence[SynthRecord], good_edits: bool, corruptions: int = 0) -> list[Example]:
+def examples_from(records: Sequence[SynthRecord], good_edits: bool, corruptions: int = 0,
+                  flip: bool = False) -> list[Example]:
     """Positives: the real images (+ good edits if asked); negatives: the low-fidelity edits, and `corruptions`
-    locally damaged copies of each real image (around the handle) and of each positive edit (around the target)."""
+    locally damaged copies of each real image (around the handle) and of each positive edit (around the target).
+    `flip`: every example once more, mirrored left-right with its caption mirrored (same key, so the same split)."""
+    out = _examples(records, good_edits, corruptions)
+    if flip:
+        out += [e.model_copy(update={"flipped": True, "caption": mirror_caption(e.caption)}) for e in out]
+    return out
+
+
+def _examples(records: Sequence[SynthRecord], good_edits: bool, corruptions: int) -> list[Example]:
     out: list[Example] = []
     for r in records:
         out.append(Example(key=r.key, path=r.real, caption=r.caption, label=1, kind="real"))
@@ -177,6 +213,8 @@ def load_example_image(data: Path, e: Example) -> Image.Image:
         from engine.discriminator_data import corrupt_locally
 
         im, _ = corrupt_locally(im, e.drag, np.random.default_rng(e.corrupt_seed), at=e.corrupt_at)
+    if e.flipped:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return im
 
 
@@ -207,7 +245,7 @@ def cached_latents(components, cfg: TrainConfig, examples: list[Example], log: C
     """encode_examples, cached in out/latents.safetensors keyed by the examples, the base and the options."""
     from safetensors.torch import load_file, save_file
 
-    ident = hashlib.sha256(json.dumps([[e.key, e.path, e.label, e.corrupt_seed] for e in examples] + [
+    ident = hashlib.sha256(json.dumps([[e.key, e.path, e.label, e.corrupt_seed, e.flipped] for e in examples] + [
         components.name, cfg.roundtrip, str(components.unet.config.get("block_out_channels"))]).encode()).hexdigest()
     path = cfg.out / "latents.safetensors"
     meta_path = cfg.out / "latents.json"
@@ -297,6 +335,11 @@ def plot_record(record: dict, path: Path) -> None:
         b2 = b.twinx()
         b2.plot([h["epoch"] for h in hist if "heldout_auc_0_500" in h],
                 [h["heldout_auc_0_500"] for h in hist if "heldout_auc_0_500" in h], "r-", label="held-out AUC t<500")
+        if any("val_auc_0_500" in h for h in hist):
+            b2.plot([h["epoch"] for h in hist if "val_auc_0_500" in h],
+                    [h["val_auc_0_500"] for h in hist if "val_auc_0_500" in h], "g--", label="validation AUC t<500")
+        if record.get("kept_epoch") and record.get("best_val_auc_0_500") is not None:
+            b2.axvline(record["kept_epoch"], color="g", lw=0.8, ls=":")
         b2.set_ylabel("AUC")
         b2.legend(fontsize=8, loc="center right")
     b.set(xlabel="epoch", ylabel="weighted BCE", title="training")
@@ -313,6 +356,16 @@ def save_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimize
     folder.mkdir(parents=True, exist_ok=True)
     model = {k: v.float() for k, v in disc.model.trainable_state().items()}
     atomic_save({"model": model, "opt": opt.state_dict(), "progress": progress}, folder / "state.safetensors")
+
+
+def save_best(folder: Path, disc: Discriminator) -> None:
+    """The weights of the best epoch so far (by validation score), beside the running checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": {k: v.float() for k, v in disc.model.trainable_state().items()}}, folder / "best.safetensors")
+
+
+def load_best(folder: Path, disc: Discriminator) -> None:
+    disc.model.load_state_dict(read_checkpoint(folder / "best.safetensors")["model"], strict=False)
 
 
 def load_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer) -> dict:
@@ -345,24 +398,31 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     if not resume and (ckpt / "state.safetensors").is_file():
         raise InputError(f"{ckpt} holds a checkpoint: pass --resume to continue it, or use another --out")
 
-    examples = examples_from(records, cfg.good_edits, cfg.corruptions)
+    examples = examples_from(records, cfg.good_edits, cfg.corruptions, cfg.flip)
     lat, examples = cached_latents(components, cfg, examples, log)
     labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
     emb, emb_idx = caption_index(components, [e.caption for e in examples])
-    held = torch.tensor([is_heldout(e.key, cfg.holdout) for e in examples])
-    tr, ho = (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
+    split = [split_of(e.key, cfg.holdout, cfg.val) for e in examples]
+    # mirrored copies train only: the held-out and validation scores stay comparable with runs without --flip
+    tr = torch.tensor([i for i, s in enumerate(split) if s == "train"], dtype=torch.long)
+    ho = torch.tensor([i for i, s in enumerate(split) if s == "heldout" and not examples[i].flipped], dtype=torch.long)
+    va = torch.tensor([i for i, s in enumerate(split) if s == "val" and not examples[i].flipped], dtype=torch.long)
     counts = {k: sum(e.kind == k for e in examples) for k in ("real", "roundtrip", "low", "high", "corrupt")}
-    log(f"examples: {counts}; train {len(tr)}, held-out {len(ho)} "
+    counts["flipped"] = sum(e.flipped for e in examples)
+    log(f"examples: {counts}; train {len(tr)}, validation {len(va)}, held-out {len(ho)} "
         f"({int(labels[ho].sum())} positive / {int((1 - labels[ho]).sum())} negative)")
+    if cfg.val and (len(va) == 0 or labels[va].min() == labels[va].max()):
+        raise InputError(f"the validation split ({cfg.val:.0%} of items) holds {len(va)} examples, not both classes: "
+                         "synthesise more data or raise --val")
     if len(tr) < 2 or labels[tr].min() == labels[tr].max():
         raise InputError("training needs both real and low-fidelity examples: synthesise more data")
 
     disc = build_discriminator(components, cfg.seed, cfg.pooling)
     model = disc.model
     opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
-    progress = {"epoch": 0, "history": [], "seconds": 0.0}
+    progress = {"epoch": 0, "history": [], "seconds": 0.0, "best_epoch": None, "best_val_auc": None}
     if resume and (ckpt / "state.safetensors").is_file():
-        progress = load_checkpoint(ckpt, disc, opt)
+        progress = {**progress, **load_checkpoint(ckpt, disc, opt)}
         log(f"resumed at epoch {progress['epoch']} ({progress['seconds'] / 60:.1f} min trained)")
 
     ab = alphas_cumprod(components.scheduler_config)
@@ -403,15 +463,30 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             quick = evaluate_buckets(model, lat[ho], emb, emb_idx[ho], labels[ho], ab, (0, 500, T), 1, cfg.seed, dev, dt)
             entry["heldout_auc_0_500"] = quick[f"0-500"]["auc"]
             entry["heldout_auc_500_1000"] = quick[f"500-{T}"]["auc"]
+        new_best = False
+        if len(va) and (e + 1) % cfg.eval_every == 0:
+            # 2 noise draws per example on t < 500, the range the bar is set on and the critic scores in
+            v = evaluate_buckets(model, lat[va], emb, emb_idx[va], labels[va], ab, (0, 500), 2, cfg.seed + 1, dev,
+                                 dt)["0-500"]["auc"]
+            entry["val_auc_0_500"] = v
+            new_best = progress["best_val_auc"] is None or v > progress["best_val_auc"]
+            if new_best:
+                progress["best_val_auc"], progress["best_epoch"] = v, e + 1
         progress["history"].append(entry)
         progress["epoch"] = e + 1
         progress["seconds"] = time.perf_counter() - t_start
+        if new_best:
+            save_best(ckpt, disc)
         save_checkpoint(ckpt, disc, opt, progress)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"auc<500": f"{entry['heldout_auc_0_500']:.3f}"}
                                                          if "heldout_auc_0_500" in entry else {}))
     bar.close()
     stopped = "budget" if progress["epoch"] < cfg.epochs else "epochs"
+    if progress["best_epoch"] is not None:
+        load_best(ckpt, disc)
+        log(f"kept epoch {progress['best_epoch']} of {progress['epoch']} "
+            f"(validation ROC-AUC t<500 {progress['best_val_auc']:.3f})")
 
     buckets = tuple(b for b in cfg.buckets if b < T) + (T,)
     heldout = evaluate_buckets(model, lat[ho], emb, emb_idx[ho], labels[ho], ab, buckets, cfg.eval_draws,
@@ -419,13 +494,15 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     log(f"held-out ({len(ho)} examples x {cfg.eval_draws} noise draws per bucket):\n" + format_buckets(heldout))
     disc.config.notes = {"trained_on": str(cfg.data), "epochs": progress["epoch"], "holdout": cfg.holdout,
                          "good_edits": cfg.good_edits, "roundtrip": cfg.roundtrip,
-                         "corruptions": cfg.corruptions,
+                         "corruptions": cfg.corruptions, "flip": cfg.flip, "val": cfg.val,
+                         "best_epoch": progress["best_epoch"],
                          "heldout_auc": {k: round(v["auc"], 4) for k, v in heldout.items()}}
     save_discriminator(disc, cfg.out)
     record = {"config": json.loads(cfg.model_dump_json()), "base": components.name, "data": {
         "folder": str(cfg.data), "items": len(records), "examples": counts, "train": int(len(tr)),
         "heldout": int(len(ho)), "meta": meta.model_dump() if meta else None},
-        "epochs_done": progress["epoch"], "stopped_by": stopped, "train_minutes": progress["seconds"] / 60,
+        "epochs_done": progress["epoch"], "kept_epoch": progress["best_epoch"] or progress["epoch"],
+        "best_val_auc_0_500": progress["best_val_auc"], "validation": int(len(va)), "stopped_by": stopped, "train_minutes": progress["seconds"] / 60,
         "steps_per_epoch": steps_per_epoch, "history": progress["history"], "heldout": heldout,
         "torch_threads": torch.get_num_threads(), "device": str(dev)}
     (cfg.out / "training_record.json").write_text(json.dumps(record, indent=1))

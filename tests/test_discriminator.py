@@ -12,7 +12,7 @@ from PIL import Image
 from engine.discriminator import (QualityTerm, build_discriminator, discrimination_loss,
                                   encode_prompts, load_discriminator, quality_energy, read_config,
                                   save_discriminator, score_image)
-from engine.discriminator_train import class_weights, is_heldout, roc_auc
+from engine.discriminator_train import class_weights, is_heldout, mirror_caption, roc_auc, split_of
 from engine.errors import BaseMismatchError, LucidDragError, ModelLoadError
 from engine.guidance import GuidanceContext
 
@@ -227,6 +227,62 @@ def test_small_math():
     keys = [f"k{i}" for i in range(2000)]
     frac = np.mean([is_heldout(k, 0.2) for k in keys])
     assert 0.15 < frac < 0.25 and is_heldout("k1", 0.2) == is_heldout("k1", 0.2)
+
+
+def test_mirror_caption_and_validation_split():
+    assert mirror_caption("a red square on the left") == "a red square on the right"
+    assert mirror_caption("Right: a circle at the top left, not leftover") == "Left: a circle at the top right, not leftover"
+    assert mirror_caption("a circle in the middle") == "a circle in the middle"
+    keys = [f"k{i}" for i in range(3000)]
+    splits = [split_of(k, 0.15, 0.1) for k in keys]
+    # adding a validation split never moves an item into or out of the reported held-out split
+    assert [s == "heldout" for s in splits] == [is_heldout(k, 0.15) for k in keys]
+    assert 0.07 < splits.count("val") / len(keys) < 0.13
+    assert all(split_of(k, 0.15) != "val" for k in keys)
+
+
+def _toy_data(folder, n: int = 40):
+    """Real images: a clean square; their 'low-fidelity edits': the same square under heavy noise."""
+    from engine.discriminator_data import SynthRecord
+
+    (folder / "real").mkdir(parents=True)
+    (folder / "edits").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        im = np.full((32, 32, 3), 230, np.uint8)
+        x, y = rng.integers(2, 20, 2)
+        im[y:y + 10, x:x + 10] = (200, 30, 30)
+        Image.fromarray(im).save(folder / "real" / f"k{i}.png")
+        noisy_im = np.clip(im + rng.normal(0, 60, im.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy_im).save(folder / "edits" / f"k{i}.png")
+        lines.append(SynthRecord(key=f"k{i}", caption="a red square on the left", real=f"real/k{i}.png",
+                                 edit=f"edits/k{i}.png", drags=[[8, 8, 20, 8]], score=0.0, label="low"))
+    (folder / "manifest.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in lines))
+
+
+def test_training_keeps_the_best_validation_epoch_and_mirrors_only_training_examples(comps, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import load_checkpoint
+    from engine.discriminator_train import TrainConfig, examples_from, train
+    from engine.discriminator_data import read_manifest
+
+    _toy_data(tmp_path / "data")
+    exs = examples_from(read_manifest(tmp_path / "data"), good_edits=False, flip=True)
+    assert len(exs) == 160 and sum(e.flipped for e in exs) == 80
+    assert {e.caption for e in exs if e.flipped} == {"a red square on the right"}
+    cfg = TrainConfig(data=tmp_path / "data", out=tmp_path / "run", epochs=4, batch=16, lr=1e-3, holdout=0.25,
+                      val=0.3, eval_every=1, flip=True, eval_draws=1)
+    rec = train(cfg, log=lambda _: None, components=comps)
+    vals = [h["val_auc_0_500"] for h in rec["history"]]
+    assert len(vals) == 4 and rec["kept_epoch"] == 1 + int(np.argmax(vals))
+    assert rec["best_val_auc_0_500"] == pytest.approx(max(vals))
+    assert rec["data"]["examples"]["flipped"] > 0 and rec["validation"] > 0
+    # the saved discriminator holds the kept epoch's weights, not the last epoch's
+    best = load_checkpoint(tmp_path / "run" / "checkpoint" / "best.safetensors")["model"]
+    saved = load_file(str(tmp_path / "run" / "discriminator.safetensors"))
+    assert set(saved) == set(best) and all(torch.equal(saved[k], best[k]) for k in saved)
 
 
 def test_local_corruptions_damage_only_near_the_drag():
