@@ -38,8 +38,8 @@ from engine.guidance import GuidanceContext, Region
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "discriminator.safetensors"
 CONFIG_NAME = "discriminator.json"
-TRAINABLE_PREFIXES = ("mid_block.", "head_norm.", "head.", "skip_norms.")
-POOLINGS = ("mean", "mean_max", "multiscale")
+TRAINABLE_PREFIXES = ("mid_block.", "head_norm.", "head.", "skip_norms.", "skip_convs.")
+POOLINGS = ("mean", "mean_max", "multiscale", "multiscale_conv")
 PROBES_PER_TENSOR = 4
 
 
@@ -62,12 +62,14 @@ class DiscriminatorConfig(BaseModel):
     format_version: int = FORMAT_VERSION
     base: BaseIdentity
     head_groups: int
-    pooling: Literal["mean", "mean_max", "multiscale"] = Field(
+    pooling: Literal["mean", "mean_max", "multiscale", "multiscale_conv"] = Field(
         "mean", description="Head pooling over the mid block's map: 'mean' (global average, the paper's linear "
                             "classifier on pooled features) or 'mean_max' (average and max concatenated: a local "
                             "artefact such as a ghost or a smear moves the max even where it barely moves the mean); "
                             "'multiscale': 'mean' plus the average and max of every down block's (frozen) output, "
-                            "so the head also sees the finest maps, where small damage is still resolved.")
+                            "so the head also sees the finest maps, where small damage is still resolved; "
+                            "'multiscale_conv': as 'multiscale' with a trainable 3x3 convolution on each level first "
+                            "(the frozen features are the base's, made for denoising; this lets the head re-mix them).")
     threshold: float = Field(0.5, description="Critic: accept when P(real) >= threshold (calibrated per base).")
     critic_timesteps: list[int] = Field(default_factory=lambda: [100, 200, 300],
                                         description="Timesteps at which the critic scores a final image.")
@@ -152,13 +154,19 @@ class FidelityDiscriminator(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.pooling = pooling
         n_features = 2 * c if pooling == "mean_max" else c
-        if pooling == "multiscale":
+        if pooling in ("multiscale", "multiscale_conv"):
             # the frozen skip features have whatever scale the base gave them: a trainable norm per level puts them
             # on one footing before the linear layer
             skip = [int(ch) for ch in unet.config.block_out_channels]
             self.skip_norms = nn.ModuleList(nn.GroupNorm(_groups(ch, self.head_groups), ch) for ch in skip)
             self.skip_norms.to(unet.dtype)
             n_features += 2 * sum(skip)
+            if pooling == "multiscale_conv":
+                self.skip_convs = nn.ModuleList(nn.Conv2d(ch, ch, 3, padding=1) for ch in skip)
+                for conv in self.skip_convs:  # start as the identity map, i.e. as 'multiscale'
+                    nn.init.dirac_(conv.weight)
+                    nn.init.zeros_(conv.bias)
+                self.skip_convs.to(unet.dtype)
         self.head = nn.Linear(n_features, 1)
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=0.01)  # small: start near P = 0.5 everywhere
@@ -176,7 +184,8 @@ class FidelityDiscriminator(nn.Module):
     def train(self, mode: bool = True) -> "FidelityDiscriminator":
         """Only the trainable parts switch mode; the shared base modules stay in eval mode (no dropout)."""
         super().train(False)
-        for m in (self.mid_block, self.head_norm, self.head, getattr(self, "skip_norms", None)):
+        for m in (self.mid_block, self.head_norm, self.head, getattr(self, "skip_norms", None),
+                  getattr(self, "skip_convs", None)):
             if m is not None:
                 m.train(mode)
         return self
@@ -206,8 +215,10 @@ class FidelityDiscriminator(nn.Module):
         pooled = h.mean(dim=(2, 3))
         if self.pooling == "mean_max":
             pooled = torch.cat([pooled, h.amax(dim=(2, 3))], dim=1)
-        elif self.pooling == "multiscale":
+        elif self.pooling in ("multiscale", "multiscale_conv"):
             # each level's last pre-downsampling map: 16x16, 8x8, 4x4 on ShapesWorld
+            if self.pooling == "multiscale_conv":
+                skips = [conv(s) for conv, s in zip(self.skip_convs, skips)]
             maps = [F.silu(norm(s)) for norm, s in zip(self.skip_norms, skips)]
             pooled = torch.cat([pooled, *(m.mean(dim=(2, 3)) for m in maps), *(m.amax(dim=(2, 3)) for m in maps)], 1)
         return self.head(pooled).squeeze(-1).float()

@@ -117,12 +117,14 @@ def train_command(
                                     "near the drag) of each real image and good edit, as negatives: makes damage, not "
                                     "'was it regenerated', the cue. 0 = the paper's recipe."),
     pooling: str = typer.Option("mean", help="Head pooling: 'mean' (global average, the paper's), 'mean_max' "
-                                "(average and max: local damage moves the max) or 'multiscale' ('mean' plus average "
-                                "and max of every down block's output, down to the finest map)."),
+                                "(average and max: local damage moves the max), 'multiscale' ('mean' plus average "
+                                "and max of every down block's output, down to the finest map) or 'multiscale_conv' "
+                                "('multiscale' with a trainable 3x3 convolution on each level first)."),
     flip: bool = typer.Option(False, help="Also train on every example mirrored left-right, its caption's "
                               "'left'/'right' swapped: twice the data for no synthesis (not in the paper)."),
     val: float = typer.Option(0.0, min=0.0, max=0.5, help="Fraction of items set apart to pick the best epoch by "
                               "validation ROC-AUC at t<500 (0: keep the last epoch, the paper's)."),
+    eval_every: int = typer.Option(5, min=1, help="Epochs between validation scores (with --val)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
@@ -141,7 +143,8 @@ def train_command(
     try:
         cfg = TrainConfig(base=base, data=data, out=out, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
                           holdout=holdout, good_edits=good_edits, roundtrip=roundtrip, corruptions=corruptions,
-                          pooling=pooling, flip=flip, val=val, seed=seed, device=device)
+                          pooling=pooling, flip=flip, val=val, eval_every=eval_every, seed=seed,
+                          device=device)
         train(cfg, resume=resume, log=typer.echo)
     except LucidDragError as exc:
         _fail(str(exc))
@@ -211,10 +214,15 @@ def calibrate_command(
     write: bool = typer.Option(True, help="Store the threshold in the discriminator's config."),
     engine_edits: int = typer.Option(0, min=0, help="Also check the critic on this many real engine edits."),
     critic_timesteps: Optional[str] = typer.Option(None, help="Comma-separated timesteps the critic scores at."),
+    good_from: str = typer.Option("renders", help="Where the good edits come from: 'renders' (ground-truth "
+                                  "renderings) or 'engine' (faithful engine results under the model's settings, "
+                                  "what the critique node judges in use); the broken ones are those, damaged."),
 ) -> None:
     """Calibrate the critic's threshold on a world's good vs broken edits and report accept/reject rates."""
     if world not in WORLDS:
         _fail(f"unknown world {world!r}: one of {', '.join(WORLDS)}")
+    if good_from not in ("renders", "engine"):
+        _fail(f"--good-from must be 'renders' or 'engine', not {good_from!r}")
     mod = importlib.import_module(WORLDS[world])
     try:
         if critic_timesteps:
@@ -226,7 +234,8 @@ def calibrate_command(
             except ValueError:
                 raise InputError(f"--critic-timesteps {critic_timesteps!r}: expected integers like 50,150,250")
             write_config(path, cfg)
-        report = mod.calibrate_critic(path, n=n, write=write, engine_edits=engine_edits, log=typer.echo)
+        report = mod.calibrate_critic(path, n=n, write=write, engine_edits=engine_edits, log=typer.echo,
+                                      good_from=good_from)
     except LucidDragError as exc:
         _fail(str(exc))
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "per_item"}, indent=1))

@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
     roundtrip: bool = True
     corruptions: int = Field(0, ge=0, description="Locally corrupted copies per item (of the real image, and of "
                                                   "the edit when it is faithful and good_edits is on), as negatives.")
-    pooling: Literal["mean", "mean_max", "multiscale"] = "mean"
+    pooling: Literal["mean", "mean_max", "multiscale", "multiscale_conv"] = "mean"
     flip: bool = Field(False, description="Also train on every example mirrored left-right (caption mirrored too).")
     val: float = Field(0.0, ge=0, lt=1, description="Fraction of items for a validation split that picks the best "
                                                    "epoch (0: keep the last epoch).")

@@ -197,6 +197,29 @@ def test_multiscale_head_sees_every_down_level_and_trains_only_its_own_norms(com
         assert torch.allclose(loaded.model(z, 50, emb), disc.model(z, 50, emb))
 
 
+def test_multiscale_conv_head_starts_as_multiscale_and_trains_its_convs(comps, tmp_path):
+    """'multiscale_conv' puts a trainable 3x3 conv on each down level, initialised to the identity: before training
+    it scores exactly as 'multiscale' with the same weights; its convs get gradients; saved and restored."""
+    disc = build_discriminator(comps, seed=4, pooling="multiscale_conv")
+    plain = build_discriminator(comps, seed=4, pooling="multiscale")
+    plain.model.load_state_dict({k: v for k, v in disc.model.state_dict().items() if "skip_convs" not in k})
+    z, emb = _batch(comps, n=2)
+    with torch.no_grad():
+        assert torch.allclose(disc.model(z, 50, emb), plain.model(z, 50, emb), atol=1e-5)
+    trainable = {n.split(".")[0] for n, p in disc.model.named_parameters() if p.requires_grad}
+    assert trainable == {"mid_block", "head_norm", "head", "skip_norms", "skip_convs"}
+    disc.model(z, 50, emb).sum().backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in disc.model.skip_convs)
+    assert all(p.grad is None for p in comps.unet.down_blocks.parameters())
+    with torch.no_grad():
+        disc.model.skip_convs[0].weight.add_(0.05)
+    save_discriminator(disc, tmp_path / "msc")
+    loaded = load_discriminator(tmp_path / "msc", comps, use_cache=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(z, 50, emb), disc.model(z, 50, emb))
+        assert not torch.allclose(loaded.model(z, 50, emb), plain.model(z, 50, emb))
+
+
 def read_config_from(data: dict):
     from engine.discriminator import DiscriminatorConfig
 
@@ -432,3 +455,28 @@ def test_aesthetic_scorer_loads_laion_layout(tmp_path):
         for idx in (0, 2, 4, 6, 7):
             x = x @ state[f"layers.{idx}.weight"].T + state[f"layers.{idx}.bias"]
     assert s == pytest.approx(float(x[0, 0]), abs=1e-5) and sc.threshold == 5.0
+
+
+def test_broken_edits_of_a_given_result_damage_it_near_the_edit_only():
+    """The critic set's 'engine' mode breaks the engine's own result: every kind changes that image, only in the
+    edited neighbourhood, the same way for the same seed."""
+    from evals.shapesworld import world
+    from evals.shapesworld.discriminator_data import BREAKS, broken_edit, good_edit
+    from evals.shapesworld.tasks import generate_tasks
+
+    task = generate_tasks("move", 1, 123_456)[0]
+    # stand-in for an engine result: the ideal edit with a slightly different background
+    base_arr = np.clip(np.asarray(good_edit(task), np.int16) + 3, 0, 255).astype(np.uint8)
+    base = Image.fromarray(base_arr)
+    near = world.dilate(task.source_mask() | task.target_mask(), 14)
+    for kind in BREAKS:
+        out = np.asarray(broken_edit(task, kind, np.random.default_rng(5), base=base), np.int16)
+        diff = np.abs(out - base_arr).sum(-1)
+        assert diff.sum() > 0, kind
+        assert diff[~near].max() == 0, kind
+        again = np.asarray(broken_edit(task, kind, np.random.default_rng(5), base=base), np.int16)
+        assert np.array_equal(out, again), kind
+    # without a base the ideal render is damaged, as before
+    plain = np.asarray(broken_edit(task, "noise", np.random.default_rng(5)), np.int16)
+    assert not np.array_equal(plain, np.asarray(broken_edit(task, "noise", np.random.default_rng(5), base=base),
+                                                np.int16))

@@ -91,14 +91,15 @@ def good_edit(task: DragTask) -> Image.Image:
     return task.ground_truth_scene().image
 
 
-def broken_edit(task: DragTask, kind: str, rng: np.random.Generator) -> Image.Image:
-    """The ideal result, damaged in one of the ways drag editors fail.
+def broken_edit(task: DragTask, kind: str, rng: np.random.Generator, base: Image.Image | None = None) -> Image.Image:
+    """The ideal result (or `base`, e.g. a faithful engine edit of the task), damaged in one of the ways drag
+    editors fail.
 
     ghost: a half-transparent copy of the shape left at its old place; smear: the moved shape blurred and stretched
     along the drag; wrong_colour: the moved shape recoloured off-palette (hue rotated between palette colours);
     noise: strong Gaussian noise over the edited region; duplicate_blob: an extra saturated blob near the target.
     """
-    gt = np.asarray(good_edit(task), dtype=np.float32)
+    gt = np.asarray(good_edit(task) if base is None else base.convert("RGB"), dtype=np.float32)
     orig = np.asarray(task.scene().image, dtype=np.float32)
     new_m, old_m = task.target_mask(), task.source_mask()
     if kind == "ghost":
@@ -171,10 +172,51 @@ def tracking_fractions(images, tasks, prompts) -> tuple[np.ndarray, float]:
                      for im, t, p in zip(images, tasks, prompts)]), ctx.accept_md_fraction
 
 
+def faithful_engine_edits(n: int, seed_base: int, steps: int = 20, max_tries: int | None = None,
+                          progress: bool = True) -> tuple[list[DragTask], list[Image.Image]]:
+    """`n` held-out tasks (alternating move / resize) with the engine's result under the product's settings (editing +
+    semantic guidance, the model's luciddrag.json) where that result is one a user keeps: the exact scorer calls it
+    faithful and the shape arrived (MD <= 3 px). Tasks whose edit fails are skipped (at most `max_tries` edits)."""
+    from agent.context import model_defaults
+    from engine.loading import load_components
+    from engine.pipeline import DragEditor
+    from engine.request import GuidanceConfig
+    from evals.shapesworld import MODEL_DIR
+    from evals.shapesworld.drag_eval import config_request
+
+    settings = model_defaults(MODEL_DIR)
+    guidance, cfg_scale = settings.get("guidance", GuidanceConfig()), float(settings.get("guidance_scale", 1.0))
+    editor = DragEditor(load_components(str(MODEL_DIR), "cpu"), show_progress=False)
+    scorer = ShapesWorldScorer()
+    max_tries = max_tries or 3 * n
+    cands = [t for pair in zip(generate_tasks("move", max_tries, seed_base), generate_tasks("resize", max_tries, seed_base))
+             for t in pair][:max_tries]
+    tasks, ims = [], []
+    bar = tqdm(cands, desc="faithful engine edits", disable=not progress, leave=False)
+    for t in bar:
+        im = editor.edit(config_request(t, "editing+semantic", steps, guidance, True,
+                                        guidance_scale=cfg_scale)).image.convert("RGB")
+        score, details = scorer.score(task_item(t), im)
+        if score >= scorer.threshold and details["md_px"] is not None and details["md_px"] <= 3.0:
+            tasks.append(t)
+            ims.append(im)
+            bar.set_postfix(kept=len(tasks))
+            if len(tasks) == n:
+                break
+    return tasks, ims
+
+
 def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 0, steps: int = 20,
-                     seed_base: int = CRITIC_SEED_BASE, log=print, tracking: bool = True) -> dict:
-    """Score good (ground-truth) and deliberately broken edits of held-out tasks with the discriminator; pick the
-    threshold on the even tasks, report acceptance / rejection on the odd ones, store the threshold.
+                     seed_base: int = CRITIC_SEED_BASE, log=print, tracking: bool = True,
+                     good_from: str = "renders") -> dict:
+    """Score good and deliberately broken edits of held-out tasks with the discriminator; pick the threshold on the
+    even tasks, report acceptance / rejection on the odd ones, store the threshold.
+
+    `good_from`: "renders" -- the good edits are ground-truth renderings and the broken ones are those, damaged;
+    "engine" -- the good edits are faithful engine results under the product's settings (`faithful_engine_edits`),
+    the broken ones are those results, damaged the same ways. "engine" is what the critique node sees in use: every
+    result it judges has been through inversion and sampling, so a threshold fitted on pristine renders would mostly
+    measure "was this regenerated".
 
     `tracking`: also report the whole critique node (handle tracked within the accepted fraction of the drag AND
     P(real) >= threshold) on the same images, plus the unedited input offered as a result (a faithful image that
@@ -189,18 +231,27 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
 
     comps = load_components(str(MODEL_DIR), "cpu")
     disc = load_discriminator(path, comps, use_cache=False)
-    tasks = [t for pair in zip(generate_tasks("move", (n + 1) // 2, seed_base),
-                               generate_tasks("resize", (n + 1) // 2, seed_base)) for t in pair][:n]
+    if good_from == "engine":
+        tasks, good_ims = faithful_engine_edits(n, seed_base + 3_000_000, steps)
+        if len(tasks) < 4:
+            raise ValueError(f"only {len(tasks)} faithful engine edits in {3 * n} tries: too few to calibrate on")
+        n = len(tasks)
+    elif good_from == "renders":
+        tasks = [t for pair in zip(generate_tasks("move", (n + 1) // 2, seed_base),
+                                   generate_tasks("resize", (n + 1) // 2, seed_base)) for t in pair][:n]
+        good_ims = [good_edit(t) for t in tasks]
+    else:
+        raise ValueError(f"good_from must be 'renders' or 'engine', not {good_from!r}")
     rng = np.random.default_rng(seed_base)
     kinds = [BREAKS[i % len(BREAKS)] for i in range(n)]
-    good_ims = [good_edit(t) for t in tasks]
-    bad_ims = [broken_edit(t, k, rng) for t, k in zip(tasks, kinds)]
+    bad_ims = [broken_edit(t, k, rng, base=g if good_from == "engine" else None)
+               for t, k, g in zip(tasks, kinds, good_ims)]
     prompts = [t.target_prompt for t in tasks]
     pg = np.array(score_images(disc, comps, good_ims, prompts))
     pb = np.array(score_images(disc, comps, bad_ims, prompts))
     cal, test = np.arange(n) % 2 == 0, np.arange(n) % 2 == 1
     th = _best_threshold(pg[cal], pb[cal])
-    report = {"n_tasks": n, "threshold": th, "critic_timesteps": disc.config.critic_timesteps,
+    report = {"n_tasks": n, "good_from": good_from, "threshold": th, "critic_timesteps": disc.config.critic_timesteps,
               "calibration": {"accept_good": float((pg[cal] >= th).mean()), "reject_broken": float((pb[cal] < th).mean())},
               "test": {"accept_good": float((pg[test] >= th).mean()), "reject_broken": float((pb[test] < th).mean()),
                        "n_good": int(test.sum()), "n_broken": int(test.sum())},
@@ -265,7 +316,10 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
     if write:
         cfg = read_config(path)
         cfg.threshold = th
-        cfg.notes["critic_calibration"] = {k: v for k, v in report.items() if k != "per_item"}
+        # the threshold in force is the last one written; each kind of calibration keeps its own record
+        key = "critic_calibration" if good_from == "renders" else "critic_calibration_engine"
+        cfg.notes[key] = {k: v for k, v in report.items() if k != "per_item"}
+        cfg.notes["threshold_from"] = good_from
         write_config(path, cfg)
     return report
 
