@@ -45,6 +45,10 @@ class AgentContext:
     max_attempts: int = 3
     accept_md_fraction: float = 0.5
     """Accept when the tracked handle ends within this fraction of the drag length from its target."""
+    critic_search: float | None = 2.0
+    """Look for each handle's content only within this multiple of its drag's length around the handle (at least 5%
+    of the image side); None: anywhere. Content found farther away fails the check either way, so the window only
+    stops a look-alike elsewhere (another object's edge) from hiding where the handle really went."""
     critic_timestep: int = 261
     critic_block: int = 1
     critic_ensemble: int = 4
@@ -62,8 +66,8 @@ class AgentContext:
 
 
 MODEL_SETTINGS_FILE = "luciddrag.json"
-_CONTEXT_KEYS = {"guidance_scale", "steps", "accept_md_fraction", "critic_timestep", "critic_block", "critic_ensemble",
-                 "min_quality", "w_quality", "quality_steps", "handle_regions"}
+_CONTEXT_KEYS = {"guidance_scale", "steps", "accept_md_fraction", "critic_search", "critic_timestep", "critic_block",
+                 "critic_ensemble", "min_quality", "w_quality", "quality_steps", "handle_regions"}
 
 
 def model_defaults(model: str | os.PathLike | None) -> dict[str, Any]:

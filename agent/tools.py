@@ -72,10 +72,14 @@ def score_drag(ctx: AgentContext, original: Image.Image, edited: Image.Image, dr
     """The scorer: track each handle's content into the edited image (DIFT features of the base UNet) and measure
     how far it landed from its target, in pixels and as a fraction of the drag's length."""
     editor = get_editor(ctx)
+    radii = None
+    if ctx.critic_search is not None:
+        floor = 0.05 * min(original.size)
+        radii = [max(ctx.critic_search * p.length, floor) for p in drags.pairs]
     with _lock:
         found = track_points(editor.c, original, edited, [p.handle for p in drags.pairs], prompt=prompt,
                              t=ctx.critic_timestep, up_block=ctx.critic_block, ensemble=ctx.critic_ensemble,
-                             seed=ctx.seed)
+                             seed=ctx.seed, radii=radii)
     dists = [float(np.hypot(f[0] - p.target[0], f[1] - p.target[1])) for f, p in zip(found, drags.pairs)]
     fractions = [d / max(p.length, 1e-6) for d, p in zip(dists, drags.pairs)]
     return {"tracked": found, "md_px": float(np.mean(dists)), "md_fraction": float(np.mean(fractions))}

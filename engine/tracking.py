@@ -62,25 +62,40 @@ def dift_features(c: Components, image: Image.Image, prompt: str, t: int, up_blo
     return out
 
 
+def within_radius(points: Sequence[tuple[float, float]], radii: Sequence[float], image_size: tuple[int, int]
+                  ) -> torch.Tensor:
+    """(P, H*W) boolean: which pixels lie within each point's search radius."""
+    w, h = image_size
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    pts = torch.tensor(points, dtype=torch.float32).view(-1, 1, 2)
+    d2 = (xx.flatten()[None] - pts[..., 0]) ** 2 + (yy.flatten()[None] - pts[..., 1]) ** 2
+    return d2 <= torch.tensor(radii, dtype=torch.float32).view(-1, 1) ** 2
+
+
 def nearest_match(src_feat: torch.Tensor, dst_feat: torch.Tensor, points: Sequence[tuple[float, float]],
-                  image_size: tuple[int, int]) -> list[tuple[float, float]]:
+                  image_size: tuple[int, int], radii: Sequence[float] | None = None) -> list[tuple[float, float]]:
     """For each point of the source image, the pixel of the destination whose feature is most cosine-similar.
 
     Destination features are upsampled bilinearly to the full image size, as DragDiffusion's evaluation does.
+    `radii` (pixels, one per point): search only that far from the point, as drag methods' own point tracking
+    does -- a look-alike elsewhere (another shape's edge) can then not win.
     """
     w, h = image_size
     q = sample_at(src_feat[None], torch.tensor(points, dtype=torch.float32, device=src_feat.device), image_size)[0]
     dst = F.interpolate(dst_feat[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     dst = F.normalize(dst.flatten(1), dim=0)  # (C, H*W)
     sims = F.normalize(q, dim=0).T @ dst  # (P, H*W)
+    if radii is not None:
+        sims = sims.masked_fill(~within_radius(points, radii, image_size).to(sims.device), float("-inf"))
     idx = sims.argmax(-1).tolist()
     return [(float(i % w), float(i // w)) for i in idx]
 
 
 def track_points(c: Components, source: Image.Image, edited: Image.Image, handles: Sequence[tuple[float, float]],
                  prompt: str = "", t: int = 261, up_block: int = 1, ensemble: int = 8, seed: int = 42,
-                 resolution: int | None = None) -> list[tuple[float, float]]:
-    """Where each handle of `source` is found in `edited` (both the same size), in the images' own pixels."""
+                 resolution: int | None = None, radii: Sequence[float] | None = None) -> list[tuple[float, float]]:
+    """Where each handle of `source` is found in `edited` (both the same size), in the images' own pixels;
+    `radii`: search only within that many of the images' pixels of each handle (None: everywhere)."""
     src, _ = to_rgb(source)
     dst, _ = to_rgb(edited)
     if src.size != dst.size:
@@ -92,7 +107,8 @@ def track_points(c: Components, source: Image.Image, edited: Image.Image, handle
     fs = dift_features(c, src_w, prompt, t, up_block, ensemble, seed)
     fd = dift_features(c, dst_w, prompt, t, up_block, ensemble, seed)
     pts = [scale_point(p, size, wsize) for p in handles]
-    found = nearest_match(fs, fd, pts, wsize)
+    scale = wsize[0] / size[0]
+    found = nearest_match(fs, fd, pts, wsize, None if radii is None else [r * scale for r in radii])
     return [scale_point(p, wsize, size) for p in found]
 
 

@@ -320,3 +320,21 @@ def test_zero_terminal_snr_checkpoint_edits_without_nan(tmp_path):
     assert torch.isfinite(res.latents).all()
     floored = floor_alpha_bar(torch.tensor([0.0, 0.5]))
     assert floored[0] == ALPHA_BAR_FLOOR and floored[1] == 0.5
+
+
+def test_tracking_search_radius_keeps_a_far_look_alike_from_winning():
+    """nearest_match: the best match anywhere is a far look-alike; within a radius the nearby, slightly weaker match
+    wins, and a radius that holds both still picks the best."""
+    from engine.tracking import nearest_match, within_radius
+
+    src = torch.zeros(3, 8, 8)
+    src[:, 2, 2] = torch.tensor([1.0, 0.0, 0.0])  # the handle's feature, at pixel (2, 2)
+    dst = torch.full((3, 8, 8), 0.0)
+    dst[2] = 1.0  # everywhere else: orthogonal to the handle's feature
+    dst[:, 3, 4] = torch.tensor([0.9, 0.3, 0.0])  # near the handle: similar
+    dst[:, 7, 7] = torch.tensor([1.0, 0.0, 0.0])  # far away: identical
+    assert nearest_match(src, dst, [(2.0, 2.0)], (8, 8)) == [(7.0, 7.0)]
+    assert nearest_match(src, dst, [(2.0, 2.0)], (8, 8), radii=[3.0]) == [(4.0, 3.0)]
+    assert nearest_match(src, dst, [(2.0, 2.0)], (8, 8), radii=[20.0]) == [(7.0, 7.0)]
+    m = within_radius([(0.0, 0.0)], [1.0], (4, 4)).view(4, 4)
+    assert m.sum() == 3 and m[0, 0] and m[0, 1] and m[1, 0] and not m[1, 1]
