@@ -85,16 +85,19 @@ class Example(BaseModel):
 # -- small pure functions ------------------------------------------------------------------------------------------
 
 
+def _key_hash(key: str) -> float:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def is_heldout(key: str, fraction: float) -> bool:
     """Deterministic split by key (stable across runs, machines and data-set growth)."""
-    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return h < fraction
+    return _key_hash(key) < fraction
 
 
 def split_of(key: str, holdout: float, val: float = 0.0) -> Literal["heldout", "val", "train"]:
     """Which split an item belongs to: the same hash as `is_heldout`, so adding a validation split never moves an
     item into or out of the reported held-out split."""
-    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    h = _key_hash(key)
     return "heldout" if h < holdout else "val" if h < holdout + val else "train"
 
 
