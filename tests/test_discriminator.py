@@ -480,3 +480,19 @@ def test_broken_edits_of_a_given_result_damage_it_near_the_edit_only():
     plain = np.asarray(broken_edit(task, "noise", np.random.default_rng(5)), np.int16)
     assert not np.array_equal(plain, np.asarray(broken_edit(task, "noise", np.random.default_rng(5), base=base),
                                                 np.int16))
+
+
+def test_shipped_shapesworld_discriminator_matches_the_shipped_base():
+    """The committed discriminator loads against the committed ShapesWorld model (same frozen weights), and its
+    config carries the numbers its training record measured."""
+    from engine.loading import load_components
+    from evals.shapesworld import MODEL_DIR
+
+    folder = MODEL_DIR.parent / "discriminator"
+    comps = load_components(str(MODEL_DIR), device="cpu")
+    disc = load_discriminator(folder, comps, use_cache=False)
+    record = json.loads((folder / "training_record.json").read_text())
+    assert disc.config.notes["heldout_auc"] == {k: round(v["auc"], 4) for k, v in record["heldout"].items()}
+    assert 0.0 < disc.config.threshold < 1.0 and disc.config.pooling == record["config"]["pooling"]
+    z = torch.zeros(1, 4, 16, 16)
+    assert torch.isfinite(disc.model(z, 100, encode_prompts(comps, ["a big red circle"]))).all()
