@@ -189,8 +189,8 @@ def faithful_engine_edits(n: int, seed_base: int, steps: int = 20, max_tries: in
     editor = DragEditor(load_components(str(MODEL_DIR), "cpu"), show_progress=False)
     scorer = ShapesWorldScorer()
     max_tries = max_tries or 3 * n
-    cands = [t for pair in zip(generate_tasks("move", max_tries, seed_base), generate_tasks("resize", max_tries, seed_base))
-             for t in pair][:max_tries]
+    cands = [t for pair in zip(generate_tasks("move", max_tries, seed_base),
+                               generate_tasks("resize", max_tries, seed_base)) for t in pair][:max_tries]
     tasks, ims = [], []
     bar = tqdm(cands, desc="faithful engine edits", disable=not progress, leave=False)
     for t in bar:
@@ -234,7 +234,9 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
     if good_from == "engine":
         tasks, good_ims = faithful_engine_edits(n, seed_base + 3_000_000, steps)
         if len(tasks) < 4:
-            raise ValueError(f"only {len(tasks)} faithful engine edits in {3 * n} tries: too few to calibrate on")
+            from engine.errors import InputError
+
+            raise InputError(f"only {len(tasks)} faithful engine edits in {3 * n} tries: too few to calibrate on")
         n = len(tasks)
     elif good_from == "renders":
         tasks = [t for pair in zip(generate_tasks("move", (n + 1) // 2, seed_base),
