@@ -173,10 +173,11 @@ def tracking_fractions(images, tasks, prompts) -> tuple[np.ndarray, float]:
 
 
 def faithful_engine_edits(n: int, seed_base: int, steps: int = 20, max_tries: int | None = None,
-                          progress: bool = True) -> tuple[list[DragTask], list[Image.Image]]:
+                          progress: bool = True, components=None) -> tuple[list[DragTask], list[Image.Image]]:
     """`n` held-out tasks (alternating move / resize) with the engine's result under the product's settings (editing +
     semantic guidance, the model's luciddrag.json) where that result is one a user keeps: the exact scorer calls it
-    faithful and the shape arrived (MD <= 3 px). Tasks whose edit fails are skipped (at most `max_tries` edits)."""
+    faithful and the shape arrived (MD <= 3 px). Tasks whose edit fails are skipped (at most `max_tries` edits).
+    `components`: the ShapesWorld model already loaded (else it is loaded here)."""
     from agent.context import model_defaults
     from engine.loading import load_components
     from engine.pipeline import DragEditor
@@ -186,7 +187,7 @@ def faithful_engine_edits(n: int, seed_base: int, steps: int = 20, max_tries: in
 
     settings = model_defaults(MODEL_DIR)
     guidance, cfg_scale = settings.get("guidance", GuidanceConfig()), float(settings.get("guidance_scale", 1.0))
-    editor = DragEditor(load_components(str(MODEL_DIR), "cpu"), show_progress=False)
+    editor = DragEditor(components or load_components(str(MODEL_DIR), "cpu"), show_progress=False)
     scorer = ShapesWorldScorer()
     max_tries = max_tries or 3 * n
     cands = [t for pair in zip(generate_tasks("move", max_tries, seed_base),
@@ -232,7 +233,7 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
     comps = load_components(str(MODEL_DIR), "cpu")
     disc = load_discriminator(path, comps, use_cache=False)
     if good_from == "engine":
-        tasks, good_ims = faithful_engine_edits(n, seed_base + 3_000_000, steps)
+        tasks, good_ims = faithful_engine_edits(n, seed_base + 3_000_000, steps, components=comps)
         if len(tasks) < 4:
             from engine.errors import InputError
 
