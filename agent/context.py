@@ -61,13 +61,18 @@ class AgentContext:
     recommended weight; 0: off)."""
     quality_steps: int | None = None
     """n2: quality guidance on the first n2 sampling steps (None: the discriminator's recommendation)."""
+    quality_motions: tuple[Literal["translate", "scale", "patch"], ...] | None = None
+    """Kinds of drag sampled with quality guidance: 'translate' (move an object), 'scale' (resize it), 'patch'
+    (deform around the point). None: the discriminator's recommendation (on ShapesWorld it helps moves and hurts
+    resizes)."""
     artifacts_dir: str | None = None
     show_progress: bool = False
 
 
 MODEL_SETTINGS_FILE = "luciddrag.json"
 _CONTEXT_KEYS = {"guidance_scale", "steps", "accept_md_fraction", "critic_search", "critic_timestep", "critic_block",
-                 "critic_ensemble", "min_quality", "w_quality", "quality_steps", "handle_regions"}
+                 "critic_ensemble", "min_quality", "w_quality", "quality_steps", "quality_motions",
+                 "handle_regions"}
 
 
 def model_defaults(model: str | os.PathLike | None) -> dict[str, Any]:

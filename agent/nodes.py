@@ -245,7 +245,7 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         image = _image(state["image"])
         regions = handle_regions(state.get("located"), image.size) if motion else None
         res = sample_intentions(ctx, image, state["drags"], _mask_array(state),
-                                [intentions[j] for j in todo], progress, regions=regions, motion=motion or "translate")
+                                [intentions[j] for j in todo], progress, regions=regions, motion=motion)
         store = _store(runtime)
         for j, im in zip(todo, res.images):
             prepared[j] = store.put_image(im)

@@ -42,29 +42,32 @@ def flat_points(drags: DragPoints) -> list[tuple[float, float]]:
 def sample_intentions(ctx: AgentContext, image: Image.Image, drags: DragPoints, mask: np.ndarray | None,
                       intentions: Sequence[Intention], progress: Callable[[StepEvent], None] | None = None,
                       regions: Sequence[np.ndarray | None] | None = None,
-                      motion: str = "translate") -> EditResult:
+                      motion: str | None = None) -> EditResult:
     """The sampler: one edit per intention, all in one batch from one inversion per distinct source prompt.
 
     `regions`: per drag, the object mask that follows the handle (or None: a patch around the point), translated or
-    scaled as `motion` says."""
+    scaled as `motion` says ("translate" / "scale"; None: a patch drag, which has no region)."""
     editor = get_editor(ctx)
     editor.show_progress = ctx.show_progress
     req = EditRequest.create(image=image, points=flat_points(drags), mask=mask, steps=ctx.steps,
-                             handle_masks=list(regions) if regions is not None else None, region_motion=motion,
+                             handle_masks=list(regions) if regions is not None else None,
+                             region_motion=motion or "translate",
                              guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance)
     pairs = [(i.source_prompt, i.target_prompt) for i in intentions]
-    terms = quality_terms_for(ctx, editor)
+    terms = quality_terms_for(ctx, editor, motion or "patch")
     with _lock:  # one edit at a time per loaded model: the memory bank lives on the UNet's processors
         return editor.edit(req, intentions=pairs, extra_terms=terms, callback=progress)
 
 
-def quality_terms_for(ctx: AgentContext, editor: DragEditor) -> list:
-    """Quality guidance (the discriminator as a guidance term) when a discriminator is configured."""
+def quality_terms_for(ctx: AgentContext, editor: DragEditor, motion: str | None = None) -> list:
+    """Quality guidance (the discriminator as a guidance term) when a discriminator is configured and recommends it
+    (or `ctx.quality_motions` asks for it) for this kind of drag (`motion`: translate / scale / patch)."""
     if not ctx.discriminator or ctx.w_quality == 0:
         return []
     from engine.discriminator import load_discriminator, quality_terms
 
-    return quality_terms(load_discriminator(ctx.discriminator, editor.c), ctx.w_quality, ctx.quality_steps)
+    return quality_terms(load_discriminator(ctx.discriminator, editor.c), ctx.w_quality, ctx.quality_steps,
+                         motion=motion, motions=ctx.quality_motions)
 
 
 def score_drag(ctx: AgentContext, original: Image.Image, edited: Image.Image, drags: DragPoints,

@@ -58,6 +58,10 @@ class BaseIdentity(BaseModel):
     probe: list[float]
 
 
+Motion = Literal["translate", "scale", "patch"]
+MOTIONS: tuple[Motion, ...] = ("translate", "scale", "patch")
+
+
 class DiscriminatorConfig(BaseModel):
     format_version: int = FORMAT_VERSION
     base: BaseIdentity
@@ -76,6 +80,11 @@ class DiscriminatorConfig(BaseModel):
     critic_seed: int = 0
     w_quality: float = Field(0.0, ge=0, description="Recommended quality-guidance weight w_q (measured).")
     quality_steps: int = Field(10, ge=0, description="Recommended n2: quality guidance on the first n2 steps.")
+    quality_motions: list[Motion] = Field(
+        default_factory=lambda: list(MOTIONS),
+        description="The kinds of drag the recommended w_q is for: 'translate' (move an object), 'scale' (resize "
+                    "it), 'patch' (deform around the point). Measured per kind: a weight that helps moves can hurt "
+                    "resizes. The agent samples the other kinds without quality guidance.")
     notes: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -325,7 +334,9 @@ def load_discriminator(path: str | os.PathLike, components, use_cache: bool = Tr
     from safetensors.torch import load_file
 
     folder = _folder(path)
-    key = (str(folder.resolve()), id(components.unet))
+    # the files' mtimes are in the key so a long-running app sees `discriminator set` / a retrain without a restart
+    stamps = tuple((folder / n).stat().st_mtime_ns if (folder / n).is_file() else 0 for n in (CONFIG_NAME, WEIGHTS_NAME))
+    key = (str(folder.resolve()), id(components.unet), stamps)
     with _cache_lock:
         if use_cache and key in _cache:
             return _cache[key]
@@ -438,9 +449,15 @@ class QualityTerm:
 
 
 def quality_terms(disc: Discriminator | None, weight: float | None = None, steps: int | None = None,
-                  region: Region = "all") -> list[QualityTerm]:
-    """[QualityTerm] with the given weight/steps, or the discriminator's recommended ones; [] without one."""
+                  region: Region = "all", motion: Motion | None = None,
+                  motions: Sequence[Motion] | None = None) -> list[QualityTerm]:
+    """[QualityTerm] with the given weight/steps, or the discriminator's recommended ones; [] without one.
+
+    `motion`: the kind of drag being sampled; [] unless it is among `motions` (default: the discriminator's
+    `quality_motions`)."""
     if disc is None:
+        return []
+    if motion is not None and motion not in (disc.config.quality_motions if motions is None else motions):
         return []
     w = disc.config.w_quality if weight is None else weight
     n2 = disc.config.quality_steps if steps is None else steps

@@ -247,14 +247,23 @@ def set_command(
     w_quality: Optional[float] = typer.Option(None, min=0.0, help="Recommended quality-guidance weight w_q."),
     quality_steps: Optional[int] = typer.Option(None, min=0, help="Recommended n2 (guided steps)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Critic threshold on P(real)."),
+    quality_motions: Optional[str] = typer.Option(
+        None, help="Comma-separated kinds of drag the recommended w_q is for: translate, scale, patch "
+                   "(e.g. 'translate' where quality guidance helped moves but hurt resizes)."),
 ) -> None:
     """Store recommended settings (measured elsewhere) in a discriminator's config."""
-    from engine.discriminator import read_config, write_config
+    from engine.discriminator import MOTIONS, read_config, write_config
 
     try:
         cfg = read_config(path)
-        upd = {k: v for k, v in dict(w_quality=w_quality, quality_steps=quality_steps, threshold=threshold).items()
-               if v is not None}
+        motions = None
+        if quality_motions is not None:
+            motions = [m.strip() for m in quality_motions.split(",") if m.strip()]
+            bad = [m for m in motions if m not in MOTIONS]
+            if bad or not motions:
+                raise InputError(f"--quality-motions: {', '.join(bad) or 'empty'}; choose from {', '.join(MOTIONS)}")
+        upd = {k: v for k, v in dict(w_quality=w_quality, quality_steps=quality_steps, threshold=threshold,
+                                     quality_motions=motions).items() if v is not None}
         write_config(path, cfg.model_copy(update=upd))
     except LucidDragError as exc:
         _fail(str(exc))

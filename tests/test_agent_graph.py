@@ -188,3 +188,24 @@ def test_move_intentions_drag_the_located_object_region():
     assert regions is not None and np.array_equal(regions[0], obj)
     assert regions[1] is None  # the whole image is not an object
     assert handle_regions(None, (30, 20)) is None
+
+
+def test_sampler_asks_for_quality_guidance_by_kind_of_drag(monkeypatch):
+    """A patch drag (no object region) asks for the 'patch' kind, not 'translate', though its request translates."""
+    from types import SimpleNamespace
+
+    import agent.tools as tools
+    from tools.schemas import DragPoints, Intention
+
+    asked, sent = [], []
+    editor = SimpleNamespace(show_progress=False, edit=lambda req, **kw: sent.append((req, kw)) or "done")
+    monkeypatch.setattr(tools, "get_editor", lambda ctx: editor)
+    monkeypatch.setattr(tools, "quality_terms_for", lambda ctx, ed, motion=None: asked.append(motion) or ["q"])
+    image = Image.new("RGB", (32, 32))
+    drags = DragPoints.from_flat([(8, 8), (20, 8)])
+    its = [Intention(intention="raise it", source_prompt="a", target_prompt="b", confidence=1.0)]
+    for motion in (None, "translate", "scale"):
+        assert tools.sample_intentions(AgentContext(), image, drags, None, its, motion=motion) == "done"
+    assert asked == ["patch", "translate", "scale"]
+    assert [req.region_motion for req, _ in sent] == ["translate", "translate", "scale"]
+    assert all(kw["extra_terms"] == ["q"] for _, kw in sent)

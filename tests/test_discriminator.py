@@ -387,6 +387,14 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
     assert r.exit_code == 0 and "resumed at epoch 2" in r.output
     r = runner.invoke(app, ["discriminator", "info", str(out)])
     assert r.exit_code == 0 and "threshold" in r.output
+    # recommended quality guidance for moves only; a typo is one clear line and changes nothing
+    r = runner.invoke(app, ["discriminator", "set", str(out), "--w-quality", "10", "--quality-motions", "translate"])
+    assert r.exit_code == 0, r.output
+    cfg = read_config(out)
+    assert cfg.w_quality == 10 and cfg.quality_motions == ["translate"]
+    r = runner.invoke(app, ["discriminator", "set", str(out), "--quality-motions", "translate,sclae"])
+    assert r.exit_code == 2 and "sclae" in r.output and "Traceback" not in r.output
+    assert read_config(out).quality_motions == ["translate"]
     # against the wrong base: exit code 2 and one clear line, no traceback
     r = runner.invoke(app, ["discriminator", "eval", str(out), "--data", str(data), "--base", str(tiny_model_dir)])
     assert r.exit_code == 2 and "trained for base" in r.output and "Traceback" not in r.output
@@ -420,6 +428,15 @@ def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_ter
     assert read_config(tmp_path / "d").threshold == 1.0
     terms = quality_terms_for(ctx, get_editor(ctx))
     assert len(terms) == 1 and terms[0].weight == 2.0 and terms[0].steps == 1
+    # per kind of drag: the discriminator's recommendation, unless the context names the kinds
+    disc.config.quality_motions = ["translate"]
+    save_discriminator(disc, tmp_path / "d")
+    assert len(quality_terms_for(ctx, get_editor(ctx), "translate")) == 1
+    assert quality_terms_for(ctx, get_editor(ctx), "scale") == []
+    assert quality_terms_for(ctx, get_editor(ctx), "patch") == []
+    ctx.quality_motions = ("scale",)
+    assert quality_terms_for(ctx, get_editor(ctx), "translate") == []
+    assert len(quality_terms_for(ctx, get_editor(ctx), "scale")) == 1
     ctx.w_quality = 0.0
     assert quality_terms_for(ctx, get_editor(ctx)) == []
 
