@@ -325,7 +325,7 @@ def _folder(path: str | os.PathLike) -> Path:
     return p
 
 
-_cache: dict[tuple[str, int], Discriminator] = {}
+_cache: dict[tuple, Discriminator] = {}  # (folder, id(unet), file mtimes) -> loaded
 _cache_lock = threading.Lock()
 
 
@@ -335,7 +335,8 @@ def load_discriminator(path: str | os.PathLike, components, use_cache: bool = Tr
 
     folder = _folder(path)
     # the files' mtimes are in the key so a long-running app sees `discriminator set` / a retrain without a restart
-    stamps = tuple((folder / n).stat().st_mtime_ns if (folder / n).is_file() else 0 for n in (CONFIG_NAME, WEIGHTS_NAME))
+    stamps = tuple((folder / n).stat().st_mtime_ns if (folder / n).is_file() else 0
+                   for n in (CONFIG_NAME, WEIGHTS_NAME))
     key = (str(folder.resolve()), id(components.unet), stamps)
     with _cache_lock:
         if use_cache and key in _cache:
@@ -359,6 +360,8 @@ def load_discriminator(path: str | os.PathLike, components, use_cache: bool = Tr
     model.requires_grad_(False)
     disc = Discriminator(model.eval(), cfg, folder)
     with _cache_lock:
+        for stale in [k for k in _cache if k[:2] == key[:2]]:  # an older version of these files
+            del _cache[stale]
         _cache[key] = disc
     return disc
 

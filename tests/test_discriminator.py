@@ -432,6 +432,8 @@ def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_ter
     disc.config.quality_motions = ["translate"]
     save_discriminator(disc, tmp_path / "d")
     assert len(quality_terms_for(ctx, get_editor(ctx), "translate")) == 1
+    from engine.discriminator import _cache  # the rewritten files replaced the cached copy, not added to it
+    assert len([k for k in _cache if k[0] == str((tmp_path / "d").resolve())]) == 1
     assert quality_terms_for(ctx, get_editor(ctx), "scale") == []
     assert quality_terms_for(ctx, get_editor(ctx), "patch") == []
     ctx.quality_motions = ("scale",)
