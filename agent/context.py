@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from engine.discriminator import Motion
 from engine.loading import DEFAULT_MODEL
 from engine.request import GuidanceConfig
 from tools.llm import LLMSettings
@@ -61,7 +62,7 @@ class AgentContext:
     recommended weight; 0: off)."""
     quality_steps: int | None = None
     """n2: quality guidance on the first n2 sampling steps (None: the discriminator's recommendation)."""
-    quality_motions: tuple[Literal["translate", "scale", "patch"], ...] | None = None
+    quality_motions: tuple[Motion, ...] | None = None
     """Kinds of drag sampled with quality guidance: 'translate' (move an object), 'scale' (resize it), 'patch'
     (deform around the point). None: the discriminator's recommendation (on ShapesWorld it helps moves and hurts
     resizes)."""
