@@ -125,6 +125,11 @@ def train_command(
     val: float = typer.Option(0.0, min=0.0, max=0.5, help="Fraction of items set apart to pick the best epoch by "
                               "validation ROC-AUC at t<500 (0: keep the last epoch, the paper's)."),
     eval_every: int = typer.Option(5, min=1, help="Epochs between validation scores (with --val)."),
+    ema: float = typer.Option(0.0, min=0.0, max=0.9999, help="Keep a moving average of the weights with this decay "
+                              "per step (e.g. 0.999) and validate and save the average: smooths out the epoch-to-"
+                              "epoch noise of a small data set (0: off, the paper's)."),
+    init: Optional[Path] = typer.Option(None, help="Start from this discriminator folder (same base and pooling) "
+                                        "instead of the base's mid block: fine-tune one on more data."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
@@ -143,7 +148,7 @@ def train_command(
     try:
         cfg = TrainConfig(base=base, data=data, out=out, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
                           holdout=holdout, good_edits=good_edits, roundtrip=roundtrip, corruptions=corruptions,
-                          pooling=pooling, flip=flip, val=val, eval_every=eval_every, seed=seed,
+                          pooling=pooling, flip=flip, val=val, eval_every=eval_every, ema=ema, init=init, seed=seed,
                           device=device)
         train(cfg, resume=resume, log=typer.echo)
     except LucidDragError as exc:

@@ -22,6 +22,7 @@ after every epoch; epoch e shuffles with seed (seed, e), so a resumed run is the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,6 +65,10 @@ class TrainConfig(BaseModel):
     val: float = Field(0.0, ge=0, lt=1, description="Fraction of items for a validation split that picks the best "
                                                    "epoch (0: keep the last epoch).")
     eval_every: int = Field(5, ge=1, description="Epochs between validation scores.")
+    ema: float = Field(0.0, ge=0, lt=1, description="Decay of an exponential moving average of the trainable "
+                                                  "weights, which are then the ones validated and saved (0: off).")
+    init: Path | None = Field(None, description="A discriminator folder (same base, same pooling) to start from "
+                                                "instead of the base's mid block: fine-tune it on more data.")
     seed: int = 0
     device: str | None = None
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
@@ -355,10 +360,14 @@ def plot_record(record: dict, path: Path) -> None:
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer, progress: dict) -> None:
+def save_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer, progress: dict,
+                    ema: dict[str, torch.Tensor] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model = {k: v.float() for k, v in disc.model.trainable_state().items()}
-    atomic_save({"model": model, "opt": opt.state_dict(), "progress": progress}, folder / "state.safetensors")
+    state = {"model": model, "opt": opt.state_dict(), "progress": progress}
+    if ema is not None:
+        state["ema"] = {k: v.float() for k, v in ema.items()}
+    atomic_save(state, folder / "state.safetensors")
 
 
 def save_best(folder: Path, disc: Discriminator) -> None:
@@ -367,14 +376,52 @@ def save_best(folder: Path, disc: Discriminator) -> None:
     atomic_save({"model": {k: v.float() for k, v in disc.model.trainable_state().items()}}, folder / "best.safetensors")
 
 
+def ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float, step: int) -> None:
+    """ema <- decay * ema + (1 - decay) * current, with the usual warm-up (the decay grows from 0.1 towards `decay`
+    over the first steps) so the average does not drag the initial weights along for thousands of steps."""
+    d = min(decay, (1 + step) / (10 + step))
+    for k, v in ema.items():
+        v.lerp_(current[k].detach().to(v.dtype), 1 - d)
+
+
+@contextlib.contextmanager
+def weights_swapped(disc: Discriminator, weights: dict[str, torch.Tensor] | None):
+    """Run the body with `weights` (e.g. the moving average) loaded into the trainable parts; restore afterwards."""
+    if weights is None:
+        yield
+        return
+    model = disc.model
+    saved = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+    model.load_state_dict(weights, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved, strict=False)
+
+
+def init_from(disc: Discriminator, folder: Path, components, pooling: str) -> None:
+    """Start from another discriminator's trained weights (checked against this base like any load)."""
+    from engine.discriminator import load_discriminator, read_config
+
+    theirs = read_config(folder).pooling
+    if theirs != pooling:
+        raise InputError(f"--init {folder} uses pooling {theirs!r}, this run {pooling!r}: pass --pooling {theirs}")
+    src = load_discriminator(folder, components, use_cache=False)
+    disc.model.load_state_dict({k: v.clone() for k, v in src.model.trainable_state().items()}, strict=False)
+
+
 def load_best(folder: Path, disc: Discriminator) -> None:
     disc.model.load_state_dict(read_checkpoint(folder / "best.safetensors")["model"], strict=False)
 
 
-def load_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer) -> dict:
+def load_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimizer,
+                    ema: dict[str, torch.Tensor] | None = None) -> dict:
     state = read_checkpoint(folder / "state.safetensors")
     disc.model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["opt"])
+    if ema is not None:  # a checkpoint written without an average starts one from its weights
+        for k, v in ema.items():
+            v.copy_(state.get("ema", state["model"])[k])
     return state["progress"]
 
 
@@ -421,11 +468,15 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         raise InputError("training needs both real and low-fidelity examples: synthesise more data")
 
     disc = build_discriminator(components, cfg.seed, cfg.pooling)
+    if cfg.init is not None:
+        init_from(disc, cfg.init, components, cfg.pooling)
+        log(f"starting from {cfg.init}")
     model = disc.model
     opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
-    progress = {"epoch": 0, "history": [], "seconds": 0.0, "best_epoch": None, "best_val_auc": None}
+    ema = {k: v.detach().clone() for k, v in model.trainable_state().items()} if cfg.ema else None
+    progress = {"epoch": 0, "history": [], "seconds": 0.0, "best_epoch": None, "best_val_auc": None, "step": 0}
     if resume and (ckpt / "state.safetensors").is_file():
-        progress = {**progress, **load_checkpoint(ckpt, disc, opt)}
+        progress = {**progress, **load_checkpoint(ckpt, disc, opt, ema)}
         log(f"resumed at epoch {progress['epoch']} ({progress['seconds'] / 60:.1f} min trained)")
 
     ab = alphas_cumprod(components.scheduler_config)
@@ -460,32 +511,39 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema_update(ema, model.trainable_state(), cfg.ema, progress["step"])
+            progress["step"] += 1
             losses.append(float(loss.detach()))
         entry = {"epoch": e + 1, "loss": float(np.mean(losses)), "minutes": (time.perf_counter() - t_start) / 60}
-        if len(ho) and ((e + 1) % 10 == 0 or e == 0):
-            quick = evaluate_buckets(model, lat[ho], emb, emb_idx[ho], labels[ho], ab, (0, 500, T), 1, cfg.seed, dev, dt)
-            entry["heldout_auc_0_500"] = quick[f"0-500"]["auc"]
-            entry["heldout_auc_500_1000"] = quick[f"500-{T}"]["auc"]
-        new_best = False
-        if len(va) and (e + 1) % cfg.eval_every == 0:
-            # 2 noise draws per example on t < 500, the range the bar is set on and the critic scores in
-            v = evaluate_buckets(model, lat[va], emb, emb_idx[va], labels[va], ab, (0, 500), 2, cfg.seed + 1, dev,
-                                 dt)["0-500"]["auc"]
-            entry["val_auc_0_500"] = v
-            new_best = progress["best_val_auc"] is None or v > progress["best_val_auc"]
+        with weights_swapped(disc, ema):  # with --ema, the average is what is validated and saved
+            if len(ho) and ((e + 1) % 10 == 0 or e == 0):
+                quick = evaluate_buckets(model, lat[ho], emb, emb_idx[ho], labels[ho], ab, (0, 500, T), 1, cfg.seed,
+                                         dev, dt)
+                entry["heldout_auc_0_500"] = quick["0-500"]["auc"]
+                entry["heldout_auc_500_1000"] = quick[f"500-{T}"]["auc"]
+            new_best = False
+            if len(va) and (e + 1) % cfg.eval_every == 0:
+                # 2 noise draws per example on t < 500, the range the bar is set on and the critic scores in
+                v = evaluate_buckets(model, lat[va], emb, emb_idx[va], labels[va], ab, (0, 500), 2, cfg.seed + 1,
+                                     dev, dt)["0-500"]["auc"]
+                entry["val_auc_0_500"] = v
+                new_best = progress["best_val_auc"] is None or v > progress["best_val_auc"]
+                if new_best:
+                    progress["best_val_auc"], progress["best_epoch"] = v, e + 1
             if new_best:
-                progress["best_val_auc"], progress["best_epoch"] = v, e + 1
+                save_best(ckpt, disc)
         progress["history"].append(entry)
         progress["epoch"] = e + 1
         progress["seconds"] = time.perf_counter() - t_start
-        if new_best:
-            save_best(ckpt, disc)
-        save_checkpoint(ckpt, disc, opt, progress)
+        save_checkpoint(ckpt, disc, opt, progress, ema)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"auc<500": f"{entry['heldout_auc_0_500']:.3f}"}
                                                          if "heldout_auc_0_500" in entry else {}))
     bar.close()
     stopped = "budget" if progress["epoch"] < cfg.epochs else "epochs"
+    if ema is not None:
+        model.load_state_dict(ema, strict=False)
     if progress["best_epoch"] is not None:
         load_best(ckpt, disc)
         log(f"kept epoch {progress['best_epoch']} of {progress['epoch']} "
@@ -497,7 +555,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     log(f"held-out ({len(ho)} examples x {cfg.eval_draws} noise draws per bucket):\n" + format_buckets(heldout))
     disc.config.notes = {"trained_on": str(cfg.data), "epochs": progress["epoch"], "holdout": cfg.holdout,
                          "good_edits": cfg.good_edits, "roundtrip": cfg.roundtrip,
-                         "corruptions": cfg.corruptions, "flip": cfg.flip, "val": cfg.val,
+                         "corruptions": cfg.corruptions, "flip": cfg.flip, "val": cfg.val, "ema": cfg.ema,
+                         "init": str(cfg.init) if cfg.init else None,
                          "best_epoch": progress["best_epoch"],
                          "heldout_auc": {k: round(v["auc"], 4) for k, v in heldout.items()}}
     save_discriminator(disc, cfg.out)

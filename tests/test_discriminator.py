@@ -308,6 +308,61 @@ def test_training_keeps_the_best_validation_epoch_and_mirrors_only_training_exam
     assert set(saved) == set(best) and all(torch.equal(saved[k], best[k]) for k in saved)
 
 
+def test_ema_update_is_a_warmed_up_moving_average():
+    from engine.discriminator_train import ema_update
+
+    ema, cur = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    ema_update(ema, cur, 0.99, step=0)  # warm-up: decay min(0.99, 1/10) = 0.1
+    assert torch.allclose(ema["w"], torch.full((3,), 0.9))
+    ema = {"w": torch.zeros(3)}
+    ema_update(ema, cur, 0.5, step=10_000)  # long after warm-up the decay is the one asked for
+    assert torch.allclose(ema["w"], torch.full((3,), 0.5))
+    assert torch.equal(cur["w"], torch.ones(3))  # the live weights are only read
+
+
+def test_training_with_ema_saves_the_average_and_resumes_it(comps, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import load_checkpoint
+    from engine.discriminator_train import TrainConfig, train
+
+    _toy_data(tmp_path / "data")
+    cfg = TrainConfig(data=tmp_path / "data", out=tmp_path / "run", epochs=2, batch=16, lr=1e-3, holdout=0.25,
+                      ema=0.9, eval_draws=1)
+    train(cfg, log=lambda _: None, components=comps)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint" / "state.safetensors")
+    saved = load_file(str(tmp_path / "run" / "discriminator.safetensors"))
+    assert set(saved) == set(state["ema"])
+    assert all(torch.allclose(saved[k], state["ema"][k]) for k in saved)  # the average is what is saved...
+    assert any(not torch.allclose(state["ema"][k], state["model"][k]) for k in saved)  # ...and it is not the last
+    assert state["progress"]["step"] > 0
+    # resuming continues the same average rather than restarting it from the live weights
+    train(cfg.model_copy(update={"epochs": 3}), resume=True, log=lambda _: None, components=comps)
+    after = load_checkpoint(tmp_path / "run" / "checkpoint" / "state.safetensors")
+    assert after["progress"]["epoch"] == 3 and after["progress"]["step"] > state["progress"]["step"]
+    assert any(not torch.allclose(after["ema"][k], after["model"][k]) for k in saved)
+
+
+def test_init_starts_from_another_discriminator_and_checks_its_pooling(comps, tmp_path):
+    from engine.discriminator_train import TrainConfig, init_from, train
+
+    src = build_discriminator(comps, seed=5)
+    with torch.no_grad():
+        src.model.head.weight.fill_(0.25)
+    save_discriminator(src, tmp_path / "src")
+    disc = build_discriminator(comps, seed=0)
+    init_from(disc, tmp_path / "src", comps, "mean")
+    theirs, ours = src.model.trainable_state(), disc.model.trainable_state()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    with pytest.raises(LucidDragError, match="pooling 'mean'.*--pooling mean"):
+        init_from(build_discriminator(comps, pooling="mean_max"), tmp_path / "src", comps, "mean_max")
+    # through train(): the record says where it started
+    _toy_data(tmp_path / "data")
+    rec = train(TrainConfig(data=tmp_path / "data", out=tmp_path / "run", epochs=1, batch=16, lr=1e-3,
+                            holdout=0.25, init=tmp_path / "src", eval_draws=1), log=lambda _: None, components=comps)
+    assert read_config(tmp_path / "run").notes["init"] == str(tmp_path / "src") and rec["epochs_done"] == 1
+
+
 def test_local_corruptions_damage_only_near_the_drag():
     from PIL import Image
 
@@ -385,6 +440,14 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
     r = runner.invoke(app, ["train-discriminator", "--data", str(data), "--out", str(out), "--epochs", "3",
                             "--batch", "4", "--holdout", "0.3", "--good-edits", "--corruptions", "1", "--resume"])
     assert r.exit_code == 0 and "resumed at epoch 2" in r.output
+    # fine-tune that discriminator with a moving average; a missing --init folder is one clear line
+    r = runner.invoke(app, ["train-discriminator", "--data", str(data), "--out", str(tmp_path / "ft"), "--epochs",
+                            "1", "--batch", "4", "--holdout", "0.3", "--init", str(out), "--ema", "0.9"])
+    assert r.exit_code == 0 and f"starting from {out}" in r.output, r.output
+    assert read_config(tmp_path / "ft").notes["ema"] == 0.9
+    r = runner.invoke(app, ["train-discriminator", "--data", str(data), "--out", str(tmp_path / "ft2"), "--init",
+                            str(tmp_path / "nowhere")])
+    assert r.exit_code != 0 and "Traceback" not in r.output and "nowhere" in r.output, r.output
     r = runner.invoke(app, ["discriminator", "info", str(out)])
     assert r.exit_code == 0 and "threshold" in r.output
     # recommended quality guidance for moves only; a typo is one clear line and changes nothing
