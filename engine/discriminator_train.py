@@ -399,13 +399,20 @@ def weights_swapped(disc: Discriminator, weights: dict[str, torch.Tensor] | None
         model.load_state_dict(saved, strict=False)
 
 
-def init_from(disc: Discriminator, folder: Path, components, pooling: str) -> None:
-    """Start from another discriminator's trained weights (checked against this base like any load)."""
-    from engine.discriminator import load_discriminator, read_config
+def check_init(folder: Path, pooling: str) -> None:
+    """Fail before minutes of latent encoding when --init names no discriminator or one with another head."""
+    from engine.discriminator import read_config
 
     theirs = read_config(folder).pooling
     if theirs != pooling:
         raise InputError(f"--init {folder} uses pooling {theirs!r}, this run {pooling!r}: pass --pooling {theirs}")
+
+
+def init_from(disc: Discriminator, folder: Path, components, pooling: str) -> None:
+    """Start from another discriminator's trained weights (checked against this base like any load)."""
+    from engine.discriminator import load_discriminator
+
+    check_init(folder, pooling)
     src = load_discriminator(folder, components, use_cache=False)
     disc.model.load_state_dict({k: v.clone() for k, v in src.model.trainable_state().items()}, strict=False)
 
@@ -448,6 +455,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     if not resume and (ckpt / "state.safetensors").is_file():
         raise InputError(f"{ckpt} holds a checkpoint: pass --resume to continue it, or use another --out")
 
+    if cfg.init is not None:
+        check_init(cfg.init, cfg.pooling)
     examples = examples_from(records, cfg.good_edits, cfg.corruptions, cfg.flip)
     lat, examples = cached_latents(components, cfg, examples, log)
     labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
