@@ -49,12 +49,17 @@ def format_report(state: dict, out: Path | None = None, sheet: Path | None = Non
     lines += ["", "## Intentions", "", "| # | intention | confidence | source prompt | target prompt |", "|---|---|---|---|---|"]
     for k, i in enumerate(state.get("intentions") or [], 1):
         lines.append(f"| {k} | {i.intention} | {i.confidence:.2f} | {i.source_prompt} | {i.target_prompt} |")
-    lines += ["", "## Attempts", "", "| # | intention | verdict | landed from target | drag fraction | why |",
-              "|---|---|---|---|---|---|"]
-    for k, a in enumerate(state.get("attempts") or [], 1):
+    attempts = state.get("attempts") or []
+    # the discriminator's P(real) gets a column only when one scored the attempts (LUCIDDRAG_DISCRIMINATOR set)
+    scored = any(a.quality is not None for a in attempts)
+    header = ["#", "intention", "verdict", "landed from target", "drag fraction"] + (["fidelity"] if scored else [])
+    header.append("why")
+    lines += ["", "## Attempts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k, a in enumerate(attempts, 1):
         md = f"{a.md_px:.1f} px" if a.md_px is not None else "-"
         fr = f"{a.md_fraction:.0%}" if a.md_fraction is not None else "-"
-        lines.append(f"| {k} | {a.intention} | {a.verdict} | {md} | {fr} | {a.reason} |")
+        q = (f" {a.quality:.2f} |" if a.quality is not None else " - |") if scored else ""
+        lines.append(f"| {k} | {a.intention} | {a.verdict} | {md} | {fr} |{q} {a.reason} |")
     lines += ["", f"**{'Accepted' if state.get('accepted') else 'Not accepted'}**: {state.get('status', '')}"]
     if state.get("warnings"):
         lines += ["", "## Notices", ""] + [f"- {w}" for w in state["warnings"]]
