@@ -58,8 +58,8 @@ def format_report(state: dict, out: Path | None = None, sheet: Path | None = Non
     for k, a in enumerate(attempts, 1):
         md = f"{a.md_px:.1f} px" if a.md_px is not None else "-"
         fr = f"{a.md_fraction:.0%}" if a.md_fraction is not None else "-"
-        q = (f" {a.quality:.2f} |" if a.quality is not None else " - |") if scored else ""
-        lines.append(f"| {k} | {a.intention} | {a.verdict} | {md} | {fr} |{q} {a.reason} |")
+        q = [f"{a.quality:.2f}" if a.quality is not None else "-"] if scored else []
+        lines.append("| " + " | ".join([str(k), a.intention, a.verdict, md, fr, *q, a.reason]) + " |")
     lines += ["", f"**{'Accepted' if state.get('accepted') else 'Not accepted'}**: {state.get('status', '')}"]
     if state.get("warnings"):
         lines += ["", "## Notices", ""] + [f"- {w}" for w in state["warnings"]]
