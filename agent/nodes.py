@@ -267,16 +267,18 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     current = attempts[-1]
     original, edited = _image(state["image"]), _image(current.image)
     score = score_drag(ctx, original, edited, state["drags"], prompt=current.target_prompt)
-    reasons = []
-    if score["md_fraction"] > ctx.accept_md_fraction:
-        reasons.append(f"handle landed {score['md_px']:.1f} px from target "
-                       f"({score['md_fraction']:.0%} of the drag > {ctx.accept_md_fraction:.0%})")
+    # Each check says what it measured either way, so an accepted attempt's "why" is as informative as a rejection's.
+    arrived = score["md_fraction"] <= ctx.accept_md_fraction
+    checks = [(arrived, f"handle landed {score['md_px']:.1f} px from target ({score['md_fraction']:.0%} of the drag "
+                        f"{'<=' if arrived else '>'} {ctx.accept_md_fraction:.0%})")]
     quality, min_quality = _quality(ctx, edited, current.target_prompt)
-    if quality is not None and min_quality is not None and quality < min_quality:
-        reasons.append(f"fidelity {quality:.2f} < {min_quality:.2f}")
-    verdict = "rejected" if reasons else "accepted"
+    if quality is not None and min_quality is not None:
+        faithful = quality >= min_quality
+        checks.append((faithful, f"fidelity {quality:.2f} {'>=' if faithful else '<'} {min_quality:.2f}"))
+    failed = [text for ok, text in checks if not ok]
+    verdict = "rejected" if failed else "accepted"
     current = current.model_copy(update={**score, "quality": quality, "verdict": verdict,
-                                         "reason": "; ".join(reasons) or "handle arrived"})
+                                         "reason": "; ".join(failed or [text for _, text in checks])})
     attempts[-1] = current
     _emit(runtime, node="critique", message=f"{current.intention}: {verdict} ({current.reason})")
     update: dict[str, Any] = {"attempts": attempts}

@@ -485,9 +485,13 @@ def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_ter
     out = build_graph().invoke({"image": sc.image, "points": pts}, context=ctx)
     att = out["attempts"][0]
     assert out["accepted"] is False and "fidelity" in att.reason and 0 < att.quality < 1
+    assert "handle" not in att.reason  # a rejection names only the check that failed
     ctx.min_quality = 0.0  # an explicit minimum overrides the stored threshold
     out = build_graph().invoke({"image": sc.image, "points": pts}, context=ctx)
     assert out["accepted"] is True
+    # an acceptance says what both checks measured
+    assert out["chosen"].reason == f"handle landed 1.0 px from target (5% of the drag <= {ctx.accept_md_fraction:.0%}); " \
+                                   f"fidelity {out['chosen'].quality:.2f} >= 0.00"
     assert read_config(tmp_path / "d").threshold == 1.0
     terms = quality_terms_for(ctx, get_editor(ctx))
     assert len(terms) == 1 and terms[0].weight == 2.0 and terms[0].steps == 1
