@@ -176,9 +176,16 @@ def eval_command(
     base: Optional[str] = typer.Option(None, help="Base model (default: the one the data was synthesised with)."),
     holdout: Optional[float] = typer.Option(None, help="Held-out fraction (default: the one used in training)."),
     draws: int = typer.Option(4, min=1, help="Noise draws per example and timestep bucket."),
+    paper_split: bool = typer.Option(False, "--paper-split", help="Score the paper's examples (real images and "
+                                     "their VAE round-trips vs low-fidelity edits) whatever this discriminator was "
+                                     "trained on, so one trained with --good-edits / --corruptions is compared with "
+                                     "others on the same examples."),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE"),
 ) -> None:
-    """Held-out accuracy and ROC-AUC per timestep bucket of a trained discriminator."""
+    """Held-out accuracy and ROC-AUC per timestep bucket of a trained discriminator.
+
+    By default on the examples it was trained with (its --good-edits / --corruptions); --paper-split for the paper's.
+    """
     import torch
 
     from engine.discriminator import alphas_cumprod, load_discriminator, read_config
@@ -195,8 +202,9 @@ def eval_command(
         disc = load_discriminator(path, comps)
         frac = holdout if holdout is not None else float(cfg.notes.get("holdout", 0.15))
         notes = cfg.notes
-        exs = [e for e in examples_from(read_manifest(data), bool(notes.get("good_edits", False)),
-                                        int(notes.get("corruptions", 0)))
+        good_edits, corruptions = ((False, 0) if paper_split else
+                                   (bool(notes.get("good_edits", False)), int(notes.get("corruptions", 0))))
+        exs = [e for e in examples_from(read_manifest(data), good_edits, corruptions)
                if is_heldout(e.key, frac)]
         if not exs:
             raise InputError(f"no held-out examples in {data} at fraction {frac}")

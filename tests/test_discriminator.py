@@ -450,6 +450,12 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
     assert r.exit_code != 0 and "Traceback" not in r.output and "nowhere" in r.output, r.output
     r = runner.invoke(app, ["discriminator", "info", str(out)])
     assert r.exit_code == 0 and "threshold" in r.output
+    # eval: on the examples it was trained with, or (--paper-split) on real / round-trip vs low-fidelity only
+    n_scored = lambda output: int(next(x for x in output.splitlines() if x.startswith("| 0-250")).split("|")[2])
+    r = runner.invoke(app, ["discriminator", "eval", str(out), "--data", str(data), "--draws", "1"])
+    r2 = runner.invoke(app, ["discriminator", "eval", str(out), "--data", str(data), "--draws", "1", "--paper-split"])
+    assert r.exit_code == 0 and r2.exit_code == 0, r.output + r2.output
+    assert 0 < n_scored(r2.output) < n_scored(r.output)  # no good edits and no corruptions in the paper's split
     # recommended quality guidance for moves only; a typo is one clear line and changes nothing
     r = runner.invoke(app, ["discriminator", "set", str(out), "--w-quality", "10", "--quality-motions", "translate"])
     assert r.exit_code == 0, r.output
