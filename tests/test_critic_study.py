@@ -42,7 +42,7 @@ def test_report_fits_on_dev_and_reports_test():
                  {**common, "which": "bad", "p_real": 0.2 + i / 100, "md_frac": 0.1, "match": 1, "disc": 1, "left": 0, "colour": 1},
                  {**common, "md_px": 10.0, "which": "input", "p_real": 0.9, "md_frac": 1.0, "match": 1, "disc": 1, "left": 1, "colour": 0}]
     text = report(rows, rows, limit=0.6)
-    assert "| p_real | 1.00 | 1.00 |" in text and "| md_frac | 0.50 | 0.50 |" in text
+    assert "| p_real | 1.00 | 1.00 | ghost 1.00 |" in text and "| md_frac | 0.50 | 0.50 | ghost 0.50 |" in text
     assert "the node accepts 100% of good, rejects 100% of broken and 100% of unedited inputs" in text
     assert "by kind (discriminator alone, test): ghost 100%" in text
     assert "accepts 100% of good (moves 100%, resizes 100%), rejects 0% of broken and 100% of unedited" in text

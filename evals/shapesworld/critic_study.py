@@ -120,12 +120,15 @@ def report(dev: list[dict], test: list[dict], limit: float) -> str:
     """Each signal's AUC (good vs broken) on dev and test; the discriminator's threshold fitted on dev and the
     critique node (tracking <= `limit` x drag AND P(real) >= threshold) on test."""
     pick = lambda rows, w, k: np.array([r[k] for r in rows if r["which"] == w], dtype=float)
-    lines = ["| signal | AUC dev | AUC test |", "|---|---|---|"]
+    kinds = np.array([r["kind"] for r in test if r["which"] == "bad"])
+    lines = ["| signal | AUC dev | AUC test | test, by kind of break |", "|---|---|---|---|"]
     for key, sign in (("p_real", 1), ("md_frac", -1), ("match", 1), ("disc", 1), ("left", -1), ("colour", -1)):
         if dev[0][key] is None:
             continue
-        lines.append(f"| {key} | " + " | ".join(f"{_auc(sign * pick(s, 'good', key), sign * pick(s, 'bad', key)):.2f}"
-                                               for s in (dev, test)) + " |")
+        good, bad = sign * pick(test, "good", key), sign * pick(test, "bad", key)
+        by_kind = ", ".join(f"{k} {_auc(good, bad[kinds == k]):.2f}" for k in sorted(set(kinds)))
+        lines.append(f"| {key} | {_auc(sign * pick(dev, 'good', key), sign * pick(dev, 'bad', key)):.2f} | "
+                     f"{_auc(good, bad):.2f} | {by_kind} |")
     if dev[0]["p_real"] is not None:
         th = _best_threshold(pick(dev, "good", "p_real"), pick(dev, "bad", "p_real"))
         node = lambda w: (pick(test, w, "md_frac") <= limit) & (pick(test, w, "p_real") >= th)
@@ -134,7 +137,6 @@ def report(dev: list[dict], test: list[dict], limit: float) -> str:
                       f"{np.mean(pick(test, 'bad', 'p_real') < th):.0%} of broken; the node accepts "
                       f"{node('good').mean():.0%} of good, rejects {1 - node('bad').mean():.0%} of broken and "
                       f"{1 - node('input').mean():.0%} of unedited inputs"]
-        kinds = np.array([r["kind"] for r in test if r["which"] == "bad"])
         lines.append("broken rejected by kind (discriminator alone, test): " + ", ".join(
             f"{k} {np.mean(pick(test, 'bad', 'p_real')[kinds == k] < th):.0%}" for k in sorted(set(kinds))))
         # the discriminator AND the colour check, both thresholds fitted on dev (a grid; max of min(accept, reject))
