@@ -35,12 +35,14 @@ def test_an_unmoved_image_is_found_at_the_handle_and_left_behind():
 
 
 def test_report_fits_on_dev_and_reports_test():
+    # good: P(real) high and tracked; broken: P(real) low and tracked; unedited: real but not moved
     rows = []
     for i in range(10):
-        common = {"kind": "ghost", "family": ("move", "resize")[i % 2], "md_px": 1.0, "length": 10.0}  # good: P(real) high and tracked; broken: P(real) low
-        rows += [{**common, "which": "good", "p_real": 0.8 + i / 100, "md_frac": 0.1, "match": 1, "disc": 1, "left": 0, "colour": 1},
-                 {**common, "which": "bad", "p_real": 0.2 + i / 100, "md_frac": 0.1, "match": 1, "disc": 1, "left": 0, "colour": 1},
-                 {**common, "md_px": 10.0, "which": "input", "p_real": 0.9, "md_frac": 1.0, "match": 1, "disc": 1, "left": 1, "colour": 0}]
+        common = {"kind": "ghost", "family": ("move", "resize")[i % 2], "md_px": 1.0, "length": 10.0, "md_frac": 0.1,
+                  "match": 1, "disc": 1, "left": 0, "colour": 1}
+        rows += [{**common, "which": "good", "p_real": 0.8 + i / 100},
+                 {**common, "which": "bad", "p_real": 0.2 + i / 100},
+                 {**common, "which": "input", "p_real": 0.9, "md_px": 10.0, "md_frac": 1.0, "left": 1, "colour": 0}]
     text = report(rows, rows, limit=0.6)
     assert "| p_real | 1.00 | 1.00 | ghost 1.00 |" in text and "| md_frac | 0.50 | 0.50 | ghost 0.50 |" in text
     assert "the node accepts 100% of good, rejects 100% of broken and 100% of unedited inputs" in text

@@ -496,8 +496,8 @@ def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_ter
     out = build_graph().invoke({"image": sc.image, "points": pts}, context=ctx)
     assert out["accepted"] is True
     # an acceptance says what both checks measured
-    assert out["chosen"].reason == f"handle landed 1.0 px from target (5% of the drag <= {ctx.accept_md_fraction:.0%}); " \
-                                   f"fidelity {out['chosen'].quality:.2f} >= 0.00"
+    assert out["chosen"].reason == (f"handle landed 1.0 px from target (5% of the drag <= "
+                                    f"{ctx.accept_md_fraction:.0%}); fidelity {out['chosen'].quality:.2f} >= 0.00")
     assert read_config(tmp_path / "d").threshold == 1.0
     terms = quality_terms_for(ctx, get_editor(ctx))
     assert len(terms) == 1 and terms[0].weight == 2.0 and terms[0].steps == 1

@@ -78,16 +78,21 @@ def appearance_signals(f_in: torch.Tensor, f_out: torch.Tensor, rgb_in: np.ndarr
     fx, fy = k % w, k // w
     offs = disc_offsets(DISC_RADIUS)
     clip = lambda v, hi: int(np.clip(round(v), 0, hi - 1))
-    colour = np.mean([np.abs(rgb_in[clip(hy + oy, h), clip(hx + ox, w)] - rgb_out[clip(fy + oy, h), clip(fx + ox, w)]).mean()
-                      for ox, oy in offs])
+    colour = np.mean([np.abs(rgb_in[clip(hy + oy, h), clip(hx + ox, w)]
+                             - rgb_out[clip(fy + oy, h), clip(fx + ox, w)]).mean() for ox, oy in offs])
     length = max(float(np.hypot(tx - hx, ty - hy)), 1e-6)
     md = float(np.hypot(fx - tx, fy - ty))
     return {"md_px": md, "md_frac": md / length, "length": length, "match": float(sims.max()),
-            "disc": float(np.mean([float(_at(f_in, hx + ox, hy + oy) @ _at(f_out, fx + ox, fy + oy)) for ox, oy in offs])),
+            "disc": float(np.mean([float(_at(f_in, hx + ox, hy + oy) @ _at(f_out, fx + ox, fy + oy))
+                                   for ox, oy in offs])),
             "left": float(_at(f_in, hx, hy) @ _at(f_out, hx, hy)), "colour": float(colour)}
 
 
 def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block: int, ensemble: int) -> list[dict]:
+    """`appearance_signals` (DIFT features at timestep `t`, up block `block`) and P(real) of every good, broken and
+    unedited image of a set, one row each."""
+    from tqdm.auto import tqdm
+
     from engine.discriminator import score_images
     from engine.tracking import dift_features
 
@@ -96,7 +101,7 @@ def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block:
         return F.normalize(F.interpolate(f[None], size=im.size[::-1], mode="bilinear", align_corners=False)[0], dim=0)
 
     out = []
-    for r in rows:
+    for r in tqdm(rows, desc=f"signals ({folder.name})", leave=False):
         task = DragTask.model_validate(r["task"])
         d = task.drags[0]
         inp = Image.open(folder / f"{r['i']:03d}_input.png").convert("RGB")
@@ -161,7 +166,8 @@ def report(dev: list[dict], test: list[dict], limit: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m evals.shapesworld.critic_study", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="folder for the two image sets and signals.json")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="folder for the two image sets (reused when there) and signals_t<T>.json")
     ap.add_argument("--discriminator", type=Path, default=None, help="discriminator folder (omit: no P(real))")
     ap.add_argument("--n", type=int, default=60, help="tasks per set (default 60)")
     ap.add_argument("--timestep", type=int, default=None, help="DIFT timestep (default: the model's critic one)")
@@ -169,10 +175,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from agent.context import model_defaults
     from engine.discriminator import load_discriminator
+    from engine.errors import LucidDragError
     from engine.loading import load_components
     from evals.shapesworld import MODEL_DIR
-
-    from engine.errors import LucidDragError
 
     settings = model_defaults(MODEL_DIR)
     comps = load_components(str(MODEL_DIR), "cpu")
