@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.tracking import within_radius
 from evals.shapesworld.discriminator_data import (BREAKS, CRITIC_SEED_BASE, _best_threshold, broken_edit,
                                                   faithful_engine_edits)
 from evals.shapesworld.tasks import DragTask
@@ -72,8 +73,7 @@ def appearance_signals(f_in: torch.Tensor, f_out: torch.Tensor, rgb_in: np.ndarr
     h, w = f_out.shape[1:]
     (hx, hy), (tx, ty) = handle, target
     sims = torch.einsum("c,chw->hw", _at(f_in, hx, hy), f_out)
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    sims = sims.masked_fill((xx - hx) ** 2 + (yy - hy) ** 2 > search ** 2, -2.0)
+    sims = sims.masked_fill(~within_radius([handle], [search], (w, h)).view(h, w), -2.0)
     k = int(sims.argmax())
     fx, fy = k % w, k // w
     offs = disc_offsets(DISC_RADIUS)
@@ -117,8 +117,9 @@ def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block:
 
 
 def _auc(pos, neg) -> float:
-    pos, neg = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None]
-    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+    from engine.discriminator_train import roc_auc
+
+    return roc_auc(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))])
 
 
 def report(dev: list[dict], test: list[dict], limit: float) -> str:
