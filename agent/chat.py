@@ -22,13 +22,13 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from typing_extensions import Annotated, TypedDict
 
-from agent.artifacts import ArtifactStore, ImageRef
-from agent.context import AgentContext
-from agent.grammar import HELP, TOOL_ACTIONS, EditAction, ReplyAction, parse_command
-from agent.graph import build_graph
-from agent.serde import with_artifact_serde
-from engine.errors import LucidDragError
-from tools.schemas import DragPoints, Intention
+from luciddrag.agent.artifacts import ArtifactStore, ImageRef
+from luciddrag.agent.context import AgentContext
+from luciddrag.agent.grammar import HELP, TOOL_ACTIONS, EditAction, ReplyAction, parse_command
+from luciddrag.agent.graph import build_graph
+from luciddrag.agent.serde import with_artifact_serde
+from luciddrag.engine.errors import LucidDragError
+from luciddrag.tools.schemas import DragPoints, Intention
 
 
 class ChatState(TypedDict, total=False):
@@ -46,7 +46,7 @@ class ChatState(TypedDict, total=False):
 # -- understanding ---------------------------------------------------------------------------------------------------
 
 def _chat_model(ctx: AgentContext):
-    from tools.llm import LLMSettings, make_chat_model
+    from luciddrag.tools.llm import LLMSettings, make_chat_model
 
     if ctx.chat_model is not None:
         return ctx.chat_model
@@ -70,7 +70,7 @@ def chat_prompt_variables(state: ChatState) -> dict[str, str]:
 
 
 def _system_prompt(state: ChatState) -> str:
-    from prompts import load_template
+    from luciddrag.prompts import load_template
 
     return load_template("chat_system").render(**chat_prompt_variables(state)).messages[0].content
 
@@ -80,7 +80,7 @@ def understand(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     update: dict[str, Any] = {}
     img = state.get("image")
     if img is not None and not isinstance(img, (ImageRef, dict)):
-        from agent.nodes import _image
+        from luciddrag.agent.nodes import _image
 
         update["image"] = ArtifactStore(runtime.context.artifacts_dir).put_image(_image(img).convert("RGB"))
     elif isinstance(img, dict):
@@ -130,9 +130,9 @@ def reply(state: ChatState) -> dict:
 
 def propose(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     """Locate and reason only (no GPU work), so the user can choose."""
-    from agent.nodes import _image
-    from tools.locator import LocatorConfig, describe_image, locate
-    from tools.reasoner import ReasonerConfig, ReasonRequest, reason
+    from luciddrag.agent.nodes import _image
+    from luciddrag.tools.locator import LocatorConfig, describe_image, locate
+    from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
 
     ctx = runtime.context
     pts = (state.get("action") or {}).get("points") or (state.get("last") or {}).get("points")

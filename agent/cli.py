@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from engine.errors import LucidDragError
+from luciddrag.engine.errors import LucidDragError
 
 app = typer.Typer(
     help=(
@@ -65,7 +65,7 @@ def _quiet_libraries() -> None:
 
 
 def _context(model, device, steps, seed, k, attempts, locator, reasoner, **kw):
-    from agent.context import AgentContext, model_defaults
+    from luciddrag.agent.context import AgentContext, model_defaults
 
     # the model folder's own recommendations (luciddrag.json) first; what the user typed wins
     kw = {**model_defaults(model or AgentContext().model), **kw}
@@ -80,9 +80,9 @@ def _context(model, device, steps, seed, k, attempts, locator, reasoner, **kw):
 
 def _run_agent(image, points, mask, prompt, intention, ctx, out: Path) -> dict:
     """Run the drag-edit graph, printing its progress, and write the result, sheet and report."""
-    from agent.graph import build_graph
-    from agent.report import write_outputs
-    from engine.preprocess import open_image, to_rgb
+    from luciddrag.agent.graph import build_graph
+    from luciddrag.agent.report import write_outputs
+    from luciddrag.engine.preprocess import open_image, to_rgb
 
     inp = {"image": image, "points": points}
     if mask is not None:
@@ -157,8 +157,8 @@ def demo(
     the shape landed and retries another intention if it missed.
     """
     _quiet_libraries()
-    from evals.shapesworld import MODEL_DIR
-    from evals.shapesworld.world import render_scene
+    from luciddrag.evals.shapesworld import MODEL_DIR
+    from luciddrag.evals.shapesworld.world import render_scene
 
     sc = render_scene(scene, n_shapes=1)
     sh = sc.shapes[0]
@@ -194,9 +194,9 @@ def chat(
     _quiet_libraries()
     from langgraph.types import Command
 
-    from agent.chat import build_chat_graph
-    from agent.persistence import make_checkpointer
-    from tools.llm import LLMSettings
+    from luciddrag.agent.chat import build_chat_graph
+    from luciddrag.agent.persistence import make_checkpointer
+    from luciddrag.tools.llm import LLMSettings
 
     try:
         ctx = _context(model, device, steps, 0, 3, 3, "auto", "auto")
@@ -246,7 +246,7 @@ def bench_engine(
     GPU target run (one command, no downloads): `luciddrag bench engine --model sd21-base --device cuda --repeats 3`.
     """
     _quiet_libraries()
-    from engine.bench import format_report, run_bench
+    from luciddrag.engine.bench import format_report, run_bench
 
     try:
         report = run_bench(model, resolution, steps, intentions, device, dtype, repeats)
@@ -282,12 +282,12 @@ def eval_shapes(
 ) -> None:
     """Run the engine over the ShapesWorld drag suite and print exact scores per family and configuration."""
     _quiet_libraries()
-    from engine.pipeline import DragEditor
-    from engine.request import GuidanceConfig
-    from evals.shapesworld import MODEL_DIR
-    from evals.shapesworld.drag_eval import evaluate, split_configs
+    from luciddrag.engine.pipeline import DragEditor
+    from luciddrag.engine.request import GuidanceConfig
+    from luciddrag.evals.shapesworld import MODEL_DIR
+    from luciddrag.evals.shapesworld.drag_eval import evaluate, split_configs
 
-    from agent.context import model_defaults
+    from luciddrag.agent.context import model_defaults
 
     model_dir = model or str(MODEL_DIR)
     recommended = model_defaults(model_dir)
@@ -312,15 +312,15 @@ def _mount_optional() -> None:
     """
     import importlib
 
-    from evals.shapesworld.cli import app as shapes_train_app
+    from luciddrag.evals.shapesworld.cli import app as shapes_train_app
 
     app.add_typer(shapes_train_app, name="train")
     mounts = [
-        ("prompts.cli", "app", app, "prompts"),               # prompt templates: list, render, diff
-        ("engine.discriminator_cli", "app", app, "discriminator"),  # quality discriminator: synthesize, eval, ...
-        ("engine.discriminator_cli", "train_command", app, "train-discriminator"),
-        ("evals.dragbench.cli", "app", eval_app, "dragbench"),  # DragBench / Drag100 protocol
-        ("evals.agent.cli", "app", eval_app, "agent"),          # offline agent evals with cassettes
+        ("luciddrag.prompts.cli", "app", app, "prompts"),               # prompt templates: list, render, diff
+        ("luciddrag.engine.discriminator_cli", "app", app, "discriminator"),  # quality discriminator: synthesize, eval, ...
+        ("luciddrag.engine.discriminator_cli", "train_command", app, "train-discriminator"),
+        ("luciddrag.evals.dragbench.cli", "app", eval_app, "dragbench"),  # DragBench / Drag100 protocol
+        ("luciddrag.evals.agent.cli", "app", eval_app, "agent"),          # offline agent evals with cassettes
     ]
     for module, attr, parent, name in mounts:
         try:
@@ -334,9 +334,9 @@ def _mount_optional() -> None:
         else:  # a single command function
             parent.command(name)(sub)
     try:
-        from agent.web import web_command
+        from luciddrag.agent.web import web_command
     except ModuleNotFoundError as exc:
-        if not (exc.name and "agent.web".startswith(exc.name)):
+        if not (exc.name and "luciddrag.agent.web".startswith(exc.name)):
             raise
     else:
         app.command("web")(web_command)

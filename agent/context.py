@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engine.discriminator import Motion
-from engine.loading import DEFAULT_MODEL
-from engine.request import GuidanceConfig
-from tools.llm import LLMSettings
+from luciddrag.engine.discriminator import Motion
+from luciddrag.engine.loading import DEFAULT_MODEL
+from luciddrag.engine.request import GuidanceConfig
+from luciddrag.tools.llm import LLMSettings
 
 
 def _env(name: str, default: str | None = None) -> str | None:

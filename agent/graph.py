@@ -4,7 +4,7 @@
                                               ^            |
                                               +--reject----+   (next intention, by confidence, without replacement)
 
-Usage: `from agent.graph import graph; graph.invoke({"image": "photo.png", "points": [(hx, hy), (tx, ty)]})`.
+Usage: `from luciddrag.agent.graph import graph; graph.invoke({"image": "photo.png", "points": [(hx, hy), (tx, ty)]})`.
 `build_graph(checkpointer=...)` adds persistence; the run's settings go in `context=AgentContext(...)`.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from langgraph.graph import END, START, StateGraph
 
-from agent.context import AgentContext
-from agent.nodes import after_critique, choose_node, critique_node, ingest, locate_node, reason_node, sample_node
-from agent.serde import with_artifact_serde
-from agent.state import AgentState, InputState, OutputState
+from luciddrag.agent.context import AgentContext
+from luciddrag.agent.nodes import after_critique, choose_node, critique_node, ingest, locate_node, reason_node, sample_node
+from luciddrag.agent.serde import with_artifact_serde
+from luciddrag.agent.state import AgentState, InputState, OutputState
 
 
 def build_graph(checkpointer=None, artifacts_dir: str | None = None):

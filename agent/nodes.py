@@ -15,16 +15,16 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from PIL import Image
 
-from agent.artifacts import ArtifactStore, ImageRef
-from agent.context import AgentContext
-from agent.state import AgentState, Attempt
-from agent.tools import sample_intentions, score_drag
-from engine.errors import InputError
-from engine.preprocess import MIN_SIDE, load_mask, open_image, to_rgb, validate_drags
-from engine.request import drags_from_points
-from tools.locator import LocatorConfig, describe_image, locate
-from tools.reasoner import ReasonerConfig, ReasonRequest, reason, select_intention
-from tools.schemas import DragPoints, Intention
+from luciddrag.agent.artifacts import ArtifactStore, ImageRef
+from luciddrag.agent.context import AgentContext
+from luciddrag.agent.state import AgentState, Attempt
+from luciddrag.agent.tools import sample_intentions, score_drag
+from luciddrag.engine.errors import InputError
+from luciddrag.engine.preprocess import MIN_SIDE, load_mask, open_image, to_rgb, validate_drags
+from luciddrag.engine.request import drags_from_points
+from luciddrag.tools.locator import LocatorConfig, describe_image, locate
+from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason, select_intention
+from luciddrag.tools.schemas import DragPoints, Intention
 
 
 def _store(runtime: Runtime[AgentContext]) -> ArtifactStore:
@@ -209,7 +209,7 @@ def moves_object(intention: Intention, ctx: AgentContext) -> bool:
 
 def handle_regions(located: Any, size: tuple[int, int]) -> list[np.ndarray | None] | None:
     """The locator's object mask under each handle (None where it has only a box or an implausible region)."""
-    from tools.schemas import rle_to_mask
+    from luciddrag.tools.schemas import rle_to_mask
 
     if located is None:
         return None
@@ -302,8 +302,8 @@ def _quality(ctx: AgentContext, image: Image.Image, prompt: str) -> tuple[float 
     and stored with the discriminator), when a discriminator is configured; (None, None) otherwise."""
     if not ctx.discriminator:
         return None, None
-    from agent.tools import get_editor
-    from engine.discriminator import load_discriminator, score_image
+    from luciddrag.agent.tools import get_editor
+    from luciddrag.engine.discriminator import load_discriminator, score_image
 
     disc = load_discriminator(ctx.discriminator, get_editor(ctx).c)
     threshold = ctx.min_quality if ctx.min_quality is not None else disc.config.threshold

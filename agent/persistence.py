@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InputError
+from luciddrag.engine.errors import InputError
 
 
 def default_db() -> Path:

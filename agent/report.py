@@ -7,9 +7,9 @@ from typing import Any
 
 from PIL import Image
 
-from agent.artifacts import ArtifactStore
-from tools.drawing import draw_drags
-from tools.sheet import contact_sheet
+from luciddrag.agent.artifacts import ArtifactStore
+from luciddrag.tools.drawing import draw_drags
+from luciddrag.tools.sheet import contact_sheet
 
 
 def attempt_label(k: int, a: Any) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from agent.artifacts import ArtifactStore
+from luciddrag.agent.artifacts import ArtifactStore
 
 _LARGE = 4096  # arrays bigger than this many elements go to the store
 
@@ -47,12 +47,15 @@ class ArtifactSerde:
 
 # Our types that may appear in checkpoints. Deserialisation is restricted to these (plus LangGraph's built-in safe
 # types): a checkpoint database is data, and must not be able to name arbitrary classes to construct.
-ALLOWED_TYPES = [
+_OUR_TYPES = [
     ("agent.artifacts", "ImageRef"), ("agent.state", "Attempt"), ("tools.schemas", "DragPoints"),
     ("engine.request", "DragPair"), ("tools.schemas", "DragPair"),  # the latter: checkpoints written before the merge
     ("tools.schemas", "LocatorResult"), ("tools.schemas", "HandleDescription"),
     ("tools.schemas", "Region"), ("tools.schemas", "Intention"), ("tools.schemas", "ReasonerResult"),
 ]
+# Modules are named under the `luciddrag.` namespace; checkpoints written before the namespace existed name them
+# bare ("agent.state"), and still load.
+ALLOWED_TYPES = [*((f"luciddrag.{m}", n) for m, n in _OUR_TYPES), *_OUR_TYPES]
 
 
 def with_artifact_serde(checkpointer: Any, artifacts_dir: str | None = None) -> Any:

@@ -7,8 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
-from agent.artifacts import ImageRef
-from tools.schemas import DragPoints, Intention, LocatorResult
+from luciddrag.agent.artifacts import ImageRef
+from luciddrag.tools.schemas import DragPoints, Intention, LocatorResult
 
 
 class Attempt(BaseModel):

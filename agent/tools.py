@@ -14,12 +14,12 @@ import numpy as np
 from langchain_core.tools import tool
 from PIL import Image
 
-from agent.artifacts import ArtifactStore, ImageRef
-from agent.context import AgentContext
-from engine.pipeline import DragEditor, EditResult, StepEvent
-from engine.request import EditRequest
-from engine.tracking import track_points
-from tools.schemas import DragPoints, Intention
+from luciddrag.agent.artifacts import ArtifactStore, ImageRef
+from luciddrag.agent.context import AgentContext
+from luciddrag.engine.pipeline import DragEditor, EditResult, StepEvent
+from luciddrag.engine.request import EditRequest
+from luciddrag.engine.tracking import track_points
+from luciddrag.tools.schemas import DragPoints, Intention
 
 _lock = threading.Lock()
 
@@ -64,7 +64,7 @@ def quality_terms_for(ctx: AgentContext, editor: DragEditor, motion: str | None 
     (or `ctx.quality_motions` asks for it) for this kind of drag (`motion`: translate / scale / patch)."""
     if not ctx.discriminator or ctx.w_quality == 0:
         return []
-    from engine.discriminator import load_discriminator, quality_terms
+    from luciddrag.engine.discriminator import load_discriminator, quality_terms
 
     return quality_terms(load_discriminator(ctx.discriminator, editor.c), ctx.w_quality, ctx.quality_steps,
                          motion=motion, motions=ctx.quality_motions)
@@ -97,7 +97,7 @@ def _store(ctx: AgentContext) -> ArtifactStore:
 @tool
 def locate_handles(image_path: str, points: list[list[float]], mask_path: str | None = None) -> dict:
     """Describe the object under each handle point. points alternate handle and target: [[hx, hy], [tx, ty], ...]."""
-    from tools.locator import LocatorConfig, locate
+    from luciddrag.tools.locator import LocatorConfig, locate
 
     ctx = AgentContext()
     res = locate(image_path, DragPoints.from_flat(points), mask_path, LocatorConfig(backend=ctx.locator, llm=ctx.llm))
@@ -108,8 +108,8 @@ def locate_handles(image_path: str, points: list[list[float]], mask_path: str | 
 def reason_intentions(image_path: str, points: list[list[float]], caption: str | None = None, k: int = 3) -> dict:
     """Propose k intentions for a drag (what the user probably means), each with source/target prompts and a
     confidence. caption: a description of the whole image, if known."""
-    from tools.locator import LocatorConfig, describe_image, locate
-    from tools.reasoner import ReasonerConfig, ReasonRequest, reason
+    from luciddrag.tools.locator import LocatorConfig, describe_image, locate
+    from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
 
     ctx = AgentContext()
     drags = DragPoints.from_flat(points)

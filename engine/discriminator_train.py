@@ -40,11 +40,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from engine.checkpoint import atomic_save, load_checkpoint as read_checkpoint
-from engine.discriminator import (Discriminator, build_discriminator, discrimination_loss, encode_prompts,
+from luciddrag.engine.checkpoint import atomic_save, load_checkpoint as read_checkpoint
+from luciddrag.engine.discriminator import (Discriminator, build_discriminator, discrimination_loss, encode_prompts,
                                   alphas_cumprod, image_to_latents, noisy, save_discriminator)
-from engine.discriminator_data import DataMeta, SynthRecord, read_manifest
-from engine.errors import InputError
+from luciddrag.engine.discriminator_data import DataMeta, SynthRecord, read_manifest
+from luciddrag.engine.errors import InputError
 
 DEFAULT_BUCKETS = (0, 250, 500, 750, 1000)
 
@@ -222,7 +222,7 @@ def load_example_image(data: Path, e: Example) -> Image.Image:
     """The example's image, corrupted as the example says."""
     im = Image.open(data / e.path).convert("RGB")
     if e.corrupt_seed is not None:
-        from engine.discriminator_data import corrupt_locally
+        from luciddrag.engine.discriminator_data import corrupt_locally
 
         im, _ = corrupt_locally(im, e.drag, np.random.default_rng(e.corrupt_seed), at=e.corrupt_at)
     if e.flipped:
@@ -405,7 +405,7 @@ def weights_swapped(disc: Discriminator, weights: dict[str, torch.Tensor] | None
 
 def check_init(folder: Path, pooling: str) -> None:
     """Fail before minutes of latent encoding when --init names no discriminator or one with another head."""
-    from engine.discriminator import read_config
+    from luciddrag.engine.discriminator import read_config
 
     theirs = read_config(folder).pooling
     if theirs != pooling:
@@ -414,7 +414,7 @@ def check_init(folder: Path, pooling: str) -> None:
 
 def init_from(disc: Discriminator, folder: Path, components, pooling: str) -> None:
     """Start from another discriminator's trained weights (checked against this base like any load)."""
-    from engine.discriminator import load_discriminator
+    from luciddrag.engine.discriminator import load_discriminator
 
     check_init(folder, pooling)
     src = load_discriminator(folder, components, use_cache=False)
@@ -441,7 +441,7 @@ def load_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimize
 
 def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, components=None) -> dict:
     """Train, evaluate per timestep bucket, save discriminator + training_record.json + roc.png in cfg.out."""
-    from engine.loading import load_components
+    from luciddrag.engine.loading import load_components
 
     records = read_manifest(cfg.data)
     if not records:

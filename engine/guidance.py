@@ -12,7 +12,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from engine import energies as E
+from luciddrag.engine import energies as E
 
 Region = Literal["edit", "content", "all"]
 

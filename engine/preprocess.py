@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.errors import InputError
-from engine.request import DragPair
+from luciddrag.engine.errors import InputError
+from luciddrag.engine.request import DragPair
 
 MIN_SIDE = 16  # below this no drag is meaningful and the VAE has nothing to encode
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.errors import InputError
+from luciddrag.engine.errors import InputError
 
 Point = tuple[float, float]
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.energies import sample_at
-from engine.features import FeatureTap
-from engine.loading import Components
-from engine.preprocess import pil_to_tensor_array, scale_point, to_rgb, working_size
+from luciddrag.engine.energies import sample_at
+from luciddrag.engine.features import FeatureTap
+from luciddrag.engine.loading import Components
+from luciddrag.engine.preprocess import pil_to_tensor_array, scale_point, to_rgb, working_size
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
-from engine.errors import InputError
+from luciddrag.engine.errors import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENV_DIR = "LUCIDDRAG_PROMPTS_DIR"

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from engine.errors import InputError
-from prompts import PromptError, list_templates, load_template, parse_label
+from luciddrag.engine.errors import InputError
+from luciddrag.prompts import PromptError, list_templates, load_template, parse_label
 
 app = typer.Typer(help="Prompt templates: list them, show one, render one for an image and drag (no LLM call).",
                   no_args_is_help=True, add_completion=False)
@@ -69,8 +69,8 @@ def show_command(
 
 
 def _drag_inputs(image: Path | None, drags: list[str]) -> tuple[Any, Any]:
-    from tools.locator import load_image
-    from tools.schemas import DragPoints
+    from luciddrag.tools.locator import load_image
+    from luciddrag.tools.schemas import DragPoints
 
     if image is None or not drags:
         raise typer.BadParameter("this template needs --image and at least one --drag x0,y0,x1,y1")
@@ -102,7 +102,7 @@ def render_command(
         elif name == "locate_region":
             text = _render_locator(label, image, drag, save_images)
         elif name == "caption_image":
-            from tools.locator import caption_variables, load_image
+            from luciddrag.tools.locator import caption_variables, load_image
 
             if image is None:
                 raise typer.BadParameter("caption_image needs --image")
@@ -117,9 +117,9 @@ def render_command(
 
 def _render_reasoner(label: str, image: Path | None, drags: list[str], caption: str | None, starts: list[str],
                      locator: str, k: int) -> str:
-    from tools.locator import LocatorConfig, describe_image, locate
-    from tools.reasoner import ReasonRequest, build_reasoner_prompt
-    from tools.schemas import HandleDescription, LocatorResult
+    from luciddrag.tools.locator import LocatorConfig, describe_image, locate
+    from luciddrag.tools.reasoner import ReasonRequest, build_reasoner_prompt
+    from luciddrag.tools.schemas import HandleDescription, LocatorResult
 
     img, points = _drag_inputs(image, drags)
     if starts:
@@ -138,8 +138,8 @@ def _render_reasoner(label: str, image: Path | None, drags: list[str], caption: 
 
 
 def _render_locator(label: str, image: Path | None, drags: list[str], save_images: Path | None) -> str:
-    from tools.llm import LLMSettings
-    from tools.locator import OpenAIVisionLocator
+    from luciddrag.tools.llm import LLMSettings
+    from luciddrag.tools.locator import OpenAIVisionLocator
 
     img, points = _drag_inputs(image, drags)
     # Settings only name the model in the printout; build_prompt never contacts it.

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from engine.tiny import build_tiny_model
+    from luciddrag.engine.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-sd"), seed=0)
 
@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_editor(tiny_model_dir):
     import torch
 
-    from engine.pipeline import DragEditor
+    from luciddrag.engine.pipeline import DragEditor
 
     torch.manual_seed(0)
     return DragEditor.from_pretrained(str(tiny_model_dir), device="cpu", show_progress=False)

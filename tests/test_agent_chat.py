@@ -7,12 +7,12 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
-import agent.nodes as nodes
-from agent.chat import build_chat_graph
-from agent.context import AgentContext
-from agent.grammar import (EditAction, FurtherAction, InsteadAction, OptionsAction, ReplyAction, TryOptionAction,
+import luciddrag.agent.nodes as nodes
+from luciddrag.agent.chat import build_chat_graph
+from luciddrag.agent.context import AgentContext
+from luciddrag.agent.grammar import (EditAction, FurtherAction, InsteadAction, OptionsAction, ReplyAction, TryOptionAction,
                            UndoAction, parse_command)
-from evals.shapesworld.world import render_scene
+from luciddrag.evals.shapesworld.world import render_scene
 from tests.fakes import ScriptedChatModel
 
 
@@ -73,7 +73,7 @@ def test_painted_region_reaches_the_edit_and_its_redo(session, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    import agent.chat as chat
+    import luciddrag.agent.chat as chat
 
     seen = []
     real = chat.build_graph
@@ -91,7 +91,7 @@ def test_painted_region_reaches_the_edit_and_its_redo(session, monkeypatch):
     first = _say(g, ctx, f"drag {cx},{cy} to {cx - 12},{cy}", thread="m", image=sc.image, mask=mask)
     assert seen[0] is mask and first["mask"] is None and first["last"]["mask"] is mask
     _say(g, ctx, "try your second idea", thread="m")
-    from agent.artifacts import ArtifactStore
+    from luciddrag.agent.artifacts import ArtifactStore
 
     # stored in the thread's checkpoint as an artifact reference: same pixels
     assert np.array_equal(np.asarray(ArtifactStore.get_image(seen[1])), region)

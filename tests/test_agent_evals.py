@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from evals.agent.cases import load_cases
-from evals.agent.cassette import CASSETTE_DIR, load_cassette, request_key
-from evals.agent.metrics import case_constraints, changed_words, diversity, has_any, trajectory_checks
-from evals.agent.runner import run_agent_eval
-from evals.agent.scripted import ANSWERS
+from luciddrag.evals.agent.cases import load_cases
+from luciddrag.evals.agent.cassette import CASSETTE_DIR, load_cassette, request_key
+from luciddrag.evals.agent.metrics import case_constraints, changed_words, diversity, has_any, trajectory_checks
+from luciddrag.evals.agent.runner import run_agent_eval
+from luciddrag.evals.agent.scripted import ANSWERS
 from tests.openai_server import FakeOpenAIServer, chat_completion, openai_server  # noqa: F401 - fixture
-from tools.schemas import Intention
+from luciddrag.tools.schemas import Intention
 
 
 def _cli(args: list[str]):
-    from agent.cli import app
+    from luciddrag.agent.cli import app
 
     return CliRunner().invoke(app, ["eval", "agent", *args])
 
@@ -48,7 +48,7 @@ def test_replayed_agent_eval_suite(tmp_path: Path) -> None:
 @pytest.mark.agent_eval
 def test_changed_template_is_a_cassette_miss_not_a_silent_replay(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from prompts import PACKAGE_DIR
+    from luciddrag.prompts import PACKAGE_DIR
 
     edited = (PACKAGE_DIR / "reason_intentions.v1.md").read_text().replace("the most likely first", "best first")
     (tmp_path / "reason_intentions.v1.md").write_text(edited)

@@ -9,12 +9,12 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 from PIL import Image
 
-import agent.nodes as nodes
-from agent.artifacts import ImageRef
-from agent.context import AgentContext
-from agent.graph import build_graph
-from engine.errors import InputError
-from evals.shapesworld.world import render_scene
+import luciddrag.agent.nodes as nodes
+from luciddrag.agent.artifacts import ImageRef
+from luciddrag.agent.context import AgentContext
+from luciddrag.agent.graph import build_graph
+from luciddrag.engine.errors import InputError
+from luciddrag.evals.shapesworld.world import render_scene
 
 
 @pytest.fixture()
@@ -159,9 +159,9 @@ def test_crash_resume_from_sqlite_and_db_stays_small(scene, ctx, monkeypatch, tm
 def test_move_intentions_drag_the_located_object_region():
     import numpy as np
 
-    from agent.context import AgentContext
-    from agent.nodes import handle_regions, moves_object, region_motion
-    from tools.schemas import Intention, LocatorResult, mask_to_rle
+    from luciddrag.agent.context import AgentContext
+    from luciddrag.agent.nodes import handle_regions, moves_object, region_motion
+    from luciddrag.tools.schemas import Intention, LocatorResult, mask_to_rle
 
     def it(text):
         return Intention(intention=text, source_prompt="a", target_prompt="b", confidence=0.5)
@@ -194,8 +194,8 @@ def test_sampler_asks_for_quality_guidance_by_kind_of_drag(monkeypatch):
     """A patch drag (no object region) asks for the 'patch' kind, not 'translate', though its request translates."""
     from types import SimpleNamespace
 
-    import agent.tools as tools
-    from tools.schemas import DragPoints, Intention
+    import luciddrag.agent.tools as tools
+    from luciddrag.tools.schemas import DragPoints, Intention
 
     asked, sent = [], []
     editor = SimpleNamespace(show_progress=False, edit=lambda req, **kw: sent.append((req, kw)) or "done")

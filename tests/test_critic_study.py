@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evals.shapesworld.critic_study import appearance_signals, report
+from luciddrag.evals.shapesworld.critic_study import appearance_signals, report
 
 
 def _scene():
@@ -53,7 +53,7 @@ def test_report_fits_on_dev_and_reports_test():
 def test_a_missing_discriminator_is_one_line_before_any_editing(tmp_path, capsys):
     import pytest
 
-    from evals.shapesworld.critic_study import main
+    from luciddrag.evals.shapesworld.critic_study import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "study"), "--discriminator", str(tmp_path / "nowhere")])

@@ -9,25 +9,25 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.discriminator import (QualityTerm, build_discriminator, discrimination_loss,
+from luciddrag.engine.discriminator import (QualityTerm, build_discriminator, discrimination_loss,
                                   encode_prompts, load_discriminator, quality_energy, read_config,
                                   save_discriminator, score_image)
-from engine.discriminator_train import class_weights, is_heldout, mirror_caption, roc_auc, split_of
-from engine.errors import BaseMismatchError, LucidDragError, ModelLoadError
-from engine.guidance import GuidanceContext
+from luciddrag.engine.discriminator_train import class_weights, is_heldout, mirror_caption, roc_auc, split_of
+from luciddrag.engine.errors import BaseMismatchError, LucidDragError, ModelLoadError
+from luciddrag.engine.guidance import GuidanceContext
 
 
 @pytest.fixture(scope="module")
 def comps(tiny_model_dir):
-    from engine.loading import load_components
+    from luciddrag.engine.loading import load_components
 
     return load_components(str(tiny_model_dir), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
-    from engine.loading import load_components
-    from engine.tiny import build_tiny_model
+    from luciddrag.engine.loading import load_components
+    from luciddrag.engine.tiny import build_tiny_model
 
     return load_components(str(build_tiny_model(tmp_path_factory.mktemp("tiny-sd-1"), seed=1)), device="cpu")
 
@@ -124,7 +124,7 @@ def test_quality_gradient_raises_d(comps):
 
 
 def test_quality_term_plugs_into_the_sampler(tiny_editor, tmp_path):
-    from engine.request import EditRequest
+    from luciddrag.engine.request import EditRequest
 
     disc = build_discriminator(tiny_editor.c, seed=0)
     img = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
@@ -221,7 +221,7 @@ def test_multiscale_conv_head_starts_as_multiscale_and_trains_its_convs(comps, t
 
 
 def read_config_from(data: dict):
-    from engine.discriminator import DiscriminatorConfig
+    from luciddrag.engine.discriminator import DiscriminatorConfig
 
     return DiscriminatorConfig.model_validate(data)
 
@@ -266,7 +266,7 @@ def test_mirror_caption_and_validation_split():
 
 def _toy_data(folder, n: int = 40):
     """Real images: a clean square; their 'low-fidelity edits': the same square under heavy noise."""
-    from engine.discriminator_data import SynthRecord
+    from luciddrag.engine.discriminator_data import SynthRecord
 
     (folder / "real").mkdir(parents=True)
     (folder / "edits").mkdir()
@@ -287,9 +287,9 @@ def _toy_data(folder, n: int = 40):
 def test_training_keeps_the_best_validation_epoch_and_mirrors_only_training_examples(comps, tmp_path):
     from safetensors.torch import load_file
 
-    from engine.checkpoint import load_checkpoint
-    from engine.discriminator_train import TrainConfig, examples_from, train
-    from engine.discriminator_data import read_manifest
+    from luciddrag.engine.checkpoint import load_checkpoint
+    from luciddrag.engine.discriminator_train import TrainConfig, examples_from, train
+    from luciddrag.engine.discriminator_data import read_manifest
 
     _toy_data(tmp_path / "data")
     exs = examples_from(read_manifest(tmp_path / "data"), good_edits=False, flip=True)
@@ -309,7 +309,7 @@ def test_training_keeps_the_best_validation_epoch_and_mirrors_only_training_exam
 
 
 def test_ema_update_is_a_warmed_up_moving_average():
-    from engine.discriminator_train import ema_update
+    from luciddrag.engine.discriminator_train import ema_update
 
     ema, cur = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
     ema_update(ema, cur, 0.99, step=0)  # warm-up: decay min(0.99, 1/10) = 0.1
@@ -323,8 +323,8 @@ def test_ema_update_is_a_warmed_up_moving_average():
 def test_training_with_ema_saves_the_average_and_resumes_it(comps, tmp_path):
     from safetensors.torch import load_file
 
-    from engine.checkpoint import load_checkpoint
-    from engine.discriminator_train import TrainConfig, train
+    from luciddrag.engine.checkpoint import load_checkpoint
+    from luciddrag.engine.discriminator_train import TrainConfig, train
 
     _toy_data(tmp_path / "data")
     cfg = TrainConfig(data=tmp_path / "data", out=tmp_path / "run", epochs=2, batch=16, lr=1e-3, holdout=0.25,
@@ -344,7 +344,7 @@ def test_training_with_ema_saves_the_average_and_resumes_it(comps, tmp_path):
 
 
 def test_init_starts_from_another_discriminator_and_checks_its_pooling(comps, tmp_path):
-    from engine.discriminator_train import TrainConfig, init_from, train
+    from luciddrag.engine.discriminator_train import TrainConfig, init_from, train
 
     src = build_discriminator(comps, seed=5)
     with torch.no_grad():
@@ -366,7 +366,7 @@ def test_init_starts_from_another_discriminator_and_checks_its_pooling(comps, tm
 def test_local_corruptions_damage_only_near_the_drag():
     from PIL import Image
 
-    from engine.discriminator_data import LOCAL_CORRUPTIONS, corrupt_locally
+    from luciddrag.engine.discriminator_data import LOCAL_CORRUPTIONS, corrupt_locally
 
     yy, xx = np.mgrid[0:64, 0:64]
     arr = np.full((64, 64, 3), 200, np.uint8)
@@ -384,8 +384,8 @@ def test_local_corruptions_damage_only_near_the_drag():
 
 
 def test_corruption_examples_and_their_weights():
-    from engine.discriminator_data import SynthRecord
-    from engine.discriminator_train import class_kind_weights, examples_from
+    from luciddrag.engine.discriminator_data import SynthRecord
+    from luciddrag.engine.discriminator_train import class_kind_weights, examples_from
 
     recs = [SynthRecord(key=f"k{i}", caption="c", real=f"real/k{i}.png", edit=f"edits/k{i}.png",
                         drags=[[1, 2, 3, 4]], score=0, label="low" if i % 2 else "high") for i in range(4)]
@@ -409,7 +409,7 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
     import typer
     from typer.testing import CliRunner
 
-    from engine import discriminator_cli
+    from luciddrag.engine import discriminator_cli
 
     # mounted exactly as agent/cli.py mounts them (a fresh app keeps this test independent of other commands)
     app = typer.Typer()
@@ -471,11 +471,11 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
 
 def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_term(tiny_model_dir, tmp_path,
                                                                                    monkeypatch):
-    import agent.nodes as nodes
-    from agent.context import AgentContext
-    from agent.graph import build_graph
-    from agent.tools import get_editor, quality_terms_for
-    from evals.shapesworld.world import render_scene
+    import luciddrag.agent.nodes as nodes
+    from luciddrag.agent.context import AgentContext
+    from luciddrag.agent.graph import build_graph
+    from luciddrag.agent.tools import get_editor, quality_terms_for
+    from luciddrag.evals.shapesworld.world import render_scene
 
     sc = render_scene(5, n_shapes=1)
     cx, cy = sc.shapes[0].centroid
@@ -505,7 +505,7 @@ def test_agent_critic_uses_the_stored_threshold_and_sampler_gets_the_quality_ter
     disc.config.quality_motions = ["translate"]
     save_discriminator(disc, tmp_path / "d")
     assert len(quality_terms_for(ctx, get_editor(ctx), "translate")) == 1
-    from engine.discriminator import _cache  # the rewritten files replaced the cached copy, not added to it
+    from luciddrag.engine.discriminator import _cache  # the rewritten files replaced the cached copy, not added to it
     assert len([k for k in _cache if k[0] == str((tmp_path / "d").resolve())]) == 1
     assert quality_terms_for(ctx, get_editor(ctx), "scale") == []
     assert quality_terms_for(ctx, get_editor(ctx), "patch") == []
@@ -521,7 +521,7 @@ def test_aesthetic_scorer_loads_laion_layout(tmp_path):
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from engine.discriminator_data import AestheticScorer, SourceItem
+    from luciddrag.engine.discriminator_data import AestheticScorer, SourceItem
 
     with pytest.raises(ModelLoadError, match="aesthetic MLP weights not found"):
         AestheticScorer(tmp_path / "missing.safetensors", clip=str(tmp_path))
@@ -552,9 +552,9 @@ def test_aesthetic_scorer_loads_laion_layout(tmp_path):
 def test_broken_edits_of_a_given_result_damage_it_near_the_edit_only():
     """The critic set's 'engine' mode breaks the engine's own result: every kind changes that image, only in the
     edited neighbourhood, the same way for the same seed."""
-    from evals.shapesworld import world
-    from evals.shapesworld.discriminator_data import BREAKS, broken_edit, good_edit
-    from evals.shapesworld.tasks import generate_tasks
+    from luciddrag.evals.shapesworld import world
+    from luciddrag.evals.shapesworld.discriminator_data import BREAKS, broken_edit, good_edit
+    from luciddrag.evals.shapesworld.tasks import generate_tasks
 
     task = generate_tasks("move", 1, 123_456)[0]
     # stand-in for an engine result: the ideal edit with a slightly different background
@@ -577,8 +577,8 @@ def test_broken_edits_of_a_given_result_damage_it_near_the_edit_only():
 def test_shipped_shapesworld_discriminator_matches_the_shipped_base():
     """The committed discriminator loads against the committed ShapesWorld model (same frozen weights), and its
     config carries the numbers its training record measured."""
-    from engine.loading import load_components
-    from evals.shapesworld import MODEL_DIR
+    from luciddrag.engine.loading import load_components
+    from luciddrag.evals.shapesworld import MODEL_DIR
 
     folder = MODEL_DIR.parent / "discriminator"
     comps = load_components(str(MODEL_DIR), device="cpu")

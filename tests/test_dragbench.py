@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from engine.errors import InputError, ModelLoadError
-from evals.dragbench import data as D
-from evals.dragbench import lpips as L
-from evals.dragbench import metrics as M
-from evals.dragbench.fixtures import fixture_tasks, write_drag100, write_dragbench
-from evals.dragbench.gscore import GScoreAnswer, GScoreRating, gscore, gscore_messages, gscore_variables
-from evals.shapesworld import MODEL_DIR
+from luciddrag.engine.errors import InputError, ModelLoadError
+from luciddrag.evals.dragbench import data as D
+from luciddrag.evals.dragbench import lpips as L
+from luciddrag.evals.dragbench import metrics as M
+from luciddrag.evals.dragbench.fixtures import fixture_tasks, write_drag100, write_dragbench
+from luciddrag.evals.dragbench.gscore import GScoreAnswer, GScoreRating, gscore, gscore_messages, gscore_variables
+from luciddrag.evals.shapesworld import MODEL_DIR
 from tests.fakes import ScriptedChatModel
 from tests.openai_server import FakeOpenAIServer, chat_completion, openai_server  # noqa: F401 - fixture
 
@@ -38,7 +38,7 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def shapes_components():
-    from engine.loading import load_components
+    from luciddrag.engine.loading import load_components
 
     return load_components(str(MODEL_DIR), device="cpu")
 
@@ -233,7 +233,7 @@ def test_gscore_averages_structured_repeats_and_skips_bad_ones() -> None:
 
 
 def test_gscore_over_http_json_schema(openai_server: FakeOpenAIServer) -> None:
-    from tools.llm import LLMSettings, make_chat_model
+    from luciddrag.tools.llm import LLMSettings, make_chat_model
 
     openai_server.queue(chat_completion(json.dumps(_answer(8))), chat_completion(json.dumps(_answer(6))))
     model = make_chat_model(LLMSettings(base_url=openai_server.url, model="gpt-4.1-mini", temperature=0.4,
@@ -252,7 +252,7 @@ def test_gscore_over_http_json_schema(openai_server: FakeOpenAIServer) -> None:
 
 
 def _invoke(args: list[str]):
-    from agent.cli import app
+    from luciddrag.agent.cli import app
 
     return CliRunner().invoke(app, ["eval", "dragbench", *args])
 
@@ -262,7 +262,7 @@ def test_eval_dragbench_scores_results_with_every_metric_and_resumes(datasets: d
                                                                     openai_server: FakeOpenAIServer) -> None:
     """The ground-truth results (a perfect method) scored with MD on the ShapesWorld UNet, DAI, LPIPS (random
     network), CLIP (tiny random), GScore (local OpenAI-compatible server); a rerun recomputes nothing."""
-    import evals.dragbench.lpips as lp
+    import luciddrag.evals.dragbench.lpips as lp
 
     monkeypatch.setattr(lp, "load_lpips", lambda device="cpu": random_lpips())
     monkeypatch.setattr(M, "load_clip", lambda model_id=M.CLIP_MODEL, device="cpu": tiny_clip())

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import energies as E
-from engine.errors import InputError, ModelLoadError
-from engine.memory import decoder_self_attention_names
-from engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine import energies as E
+from luciddrag.engine.errors import InputError, ModelLoadError
+from luciddrag.engine.memory import decoder_self_attention_names
+from luciddrag.engine.request import EditRequest, GuidanceConfig
 
 OFF = dict(w_edit=0.0, w_content=0.0, w_inpaint=0.0, kv_injection=False, init_copy=False)
 
@@ -45,7 +45,7 @@ def smooth_editor(tiny_model_dir):
     inversion followed by sampling must return the input latents to float precision -- unless the two walk
     different timesteps, pair the wrong alphas, or add the noise with the wrong sign.
     """
-    from engine.pipeline import DragEditor
+    from luciddrag.engine.pipeline import DragEditor
 
     ed = DragEditor.from_pretrained(str(tiny_model_dir), device="cpu", show_progress=False)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_reconstruction_without_edit_stays_close(smooth_editor):
 
 
 def tiny_editor_prepared(editor, req):
-    from engine.preprocess import prepare
+    from luciddrag.engine.preprocess import prepare
 
     return prepare(req.image, req.drags, req.mask, editor.c.native_size, editor.c.size_multiple).image
 
@@ -156,7 +156,7 @@ def test_result_returned_at_input_size_with_alpha(tiny_editor):
 
 
 def test_init_copy_moves_handle_latent():
-    from engine.pipeline import copy_patches
+    from luciddrag.engine.pipeline import copy_patches
 
     z = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
     out = copy_patches(z, torch.tensor([[9.0, 9.0]]), torch.tensor([[21.0, 17.0]]), scale=4, radius=1)
@@ -194,7 +194,7 @@ def test_corrupt_image_file(tiny_editor, tmp_path):
 
 
 def test_not_a_checkpoint_and_missing_weights(tmp_path, monkeypatch):
-    from engine.loading import load_components
+    from luciddrag.engine.loading import load_components
 
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion diffusers checkpoint: missing vae/"):
@@ -240,7 +240,7 @@ def test_region_drag_energy_compares_the_whole_region():
 
 
 def test_copy_region_moves_every_cell_and_renoises_what_it_left():
-    from engine.pipeline import copy_patches
+    from luciddrag.engine.pipeline import copy_patches
 
     z = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
     region = np.zeros((32, 32), bool)
@@ -283,7 +283,7 @@ def test_handle_masks_are_validated_and_change_the_edit(tiny_editor):
 
 
 def test_scaling_a_region_carries_the_handle_along_its_ray():
-    from engine.pipeline import copy_patches, latent_cells, scaled_region
+    from luciddrag.engine.pipeline import copy_patches, latent_cells, scaled_region
 
     c = torch.tensor([16.0, 16.0])
     assert E.drag_scale(torch.tensor([20.0, 16.0]), torch.tensor([24.0, 16.0]), c) == pytest.approx(2.0)
@@ -307,8 +307,8 @@ def test_zero_terminal_snr_checkpoint_edits_without_nan(tmp_path):
     epsilon form the engine guides in would divide by zero there without the floor."""
     import json
 
-    from engine.pipeline import ALPHA_BAR_FLOOR, DragEditor, floor_alpha_bar
-    from engine.tiny import build_tiny_model
+    from luciddrag.engine.pipeline import ALPHA_BAR_FLOOR, DragEditor, floor_alpha_bar
+    from luciddrag.engine.tiny import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "zsnr", prediction_type="v_prediction")
     cfg_path = folder / "scheduler" / "scheduler_config.json"
@@ -325,7 +325,7 @@ def test_zero_terminal_snr_checkpoint_edits_without_nan(tmp_path):
 def test_tracking_search_radius_keeps_a_far_look_alike_from_winning():
     """nearest_match: the best match anywhere is a far look-alike; within a radius the nearby, slightly weaker match
     wins, and a radius that holds both still picks the best."""
-    from engine.tracking import nearest_match, within_radius
+    from luciddrag.engine.tracking import nearest_match, within_radius
 
     src = torch.zeros(3, 8, 8)
     src[:, 2, 2] = torch.tensor([1.0, 0.0, 0.0])  # the handle's feature, at pixel (2, 2)

@@ -64,8 +64,8 @@ def test_both_graphs_are_served_and_a_drag_edit_runs(server, tmp_path):
 
     from langgraph_sdk import get_client
 
-    from evals.shapesworld import MODEL_DIR
-    from evals.shapesworld.world import render_scene
+    from luciddrag.evals.shapesworld import MODEL_DIR
+    from luciddrag.evals.shapesworld.world import render_scene
 
     scene = render_scene(7, n_shapes=1)
     path = tmp_path / "scene.png"

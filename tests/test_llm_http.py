@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evals.shapesworld.world import render_scene
+from luciddrag.evals.shapesworld.world import render_scene
 from tests.openai_server import (
     RECORDED_INTENTIONS,
     RECORDED_LOCATOR_REPLY,
@@ -23,11 +23,11 @@ from tests.openai_server import (
     server_error,
     tool_call,
 )
-from tools.drawing import pair_colour
-from tools.llm import LLMSettings, make_chat_model
-from tools.locator import LocatorConfig, OpenAIVisionLocator, describe_image, locate
-from tools.reasoner import ReasonerConfig, ReasonRequest, reason
-from tools.schemas import DragPoints, HandleDescription, LocatorResult
+from luciddrag.tools.drawing import pair_colour
+from luciddrag.tools.llm import LLMSettings, make_chat_model
+from luciddrag.tools.locator import LocatorConfig, OpenAIVisionLocator, describe_image, locate
+from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
+from luciddrag.tools.schemas import DragPoints, HandleDescription, LocatorResult
 
 
 def settings_for(server: FakeOpenAIServer, **kw) -> LLMSettings:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import InputError, ModelLoadError
-from evals.shapesworld.world import render_scene
+from luciddrag.engine.errors import InputError, ModelLoadError
+from luciddrag.evals.shapesworld.world import render_scene
 from tests.openai_server import Answer, RecordedRequest, ScriptedHTTPServer
-from tools.drawing import PALETTE, crop_window, draw_drags, pair_colour, zoomed_crop
-from tools.locator import (
+from luciddrag.tools.drawing import PALETTE, crop_window, draw_drags, pair_colour, zoomed_crop
+from luciddrag.tools.locator import (
     Florence2Locator,
     LocatorConfig,
     OfflineLocator,
@@ -35,7 +35,7 @@ from tools.locator import (
     parse_numbered_lines,
     quantize_box,
 )
-from tools.schemas import DragPoints, mask_box, mask_to_rle, rle_to_mask
+from luciddrag.tools.schemas import DragPoints, mask_box, mask_to_rle, rle_to_mask
 
 
 @pytest.fixture(autouse=True)
@@ -437,7 +437,7 @@ def test_sam_point_segmenter_runs_on_a_tiny_random_sam() -> None:
     )
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-    from tools.locator import SamPointSegmenter
+    from luciddrag.tools.locator import SamPointSegmenter
 
     vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=1, num_attention_heads=1,
                              mlp_dim=64, global_attn_indexes=[0], window_size=4, image_size=256, patch_size=16,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from engine import position
+from luciddrag.engine import position
 
 
 def test_sincos_codes_tell_every_pixel_apart_and_left_from_right():
@@ -26,7 +26,7 @@ def test_sincos_codes_tell_every_pixel_apart_and_left_from_right():
 def _tiny_unet():
     from diffusers import UNet2DConditionModel
 
-    from engine.tiny import tiny_configs
+    from luciddrag.engine.tiny import tiny_configs
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**tiny_configs(vocab_size=20)["unet"]).eval()
@@ -107,8 +107,8 @@ def test_input_mode_adds_the_code_to_conv_in():
 def test_marked_model_gets_its_signal_back_from_our_loader(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from engine.loading import load_components
-    from engine.tiny import build_tiny_model
+    from luciddrag.engine.loading import load_components
+    from luciddrag.engine.tiny import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "m")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")

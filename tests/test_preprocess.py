@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import InputError
-from engine.preprocess import load_mask, prepare, restore, scale_point, to_rgb, working_size
-from engine.request import DragPair
+from luciddrag.engine.errors import InputError
+from luciddrag.engine.preprocess import load_mask, prepare, restore, scale_point, to_rgb, working_size
+from luciddrag.engine.request import DragPair
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16", "LA", "1"])

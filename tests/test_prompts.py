@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from agent.chat import chat_prompt_variables
+from luciddrag.agent.chat import chat_prompt_variables
 from PIL import Image
 from typer.testing import CliRunner
 
-from prompts import PromptError, list_templates, load_template, parse_label, parse_template, template_fields
-from prompts.cli import app
-from tools.locator import caption_variables, locator_variables
-from tools.reasoner import ReasonRequest, reasoner_variables, repair_variables
-from evals.dragbench.gscore import gscore_variables
-from tools.schemas import DragPoints, HandleDescription, LocatorResult
+from luciddrag.prompts import PromptError, list_templates, load_template, parse_label, parse_template, template_fields
+from luciddrag.prompts.cli import app
+from luciddrag.tools.locator import caption_variables, locator_variables
+from luciddrag.tools.reasoner import ReasonRequest, reasoner_variables, repair_variables
+from luciddrag.evals.dragbench.gscore import gscore_variables
+from luciddrag.tools.schemas import DragPoints, HandleDescription, LocatorResult
 
 PAPER_INSTRUCTION_START = ("You are a helpful assistant. Given the original description and human-select drag "
                            "information (including the description of the start point and the drag direction),")
@@ -150,7 +150,7 @@ def test_parse_label() -> None:
 
 @pytest.fixture
 def shapes_png(tmp_path: Path) -> tuple[Path, Any]:
-    from evals.shapesworld.world import render_scene
+    from luciddrag.evals.shapesworld.world import render_scene
 
     scene = render_scene(1)
     path = tmp_path / "scene.png"

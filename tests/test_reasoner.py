@@ -11,10 +11,10 @@ import openai
 import pytest
 from langchain_core.messages import AIMessage
 
-from evals.shapesworld.world import position_phrase, render_scene
+from luciddrag.evals.shapesworld.world import position_phrase, render_scene
 from tests.fakes import ScriptedChatModel
-from tools.locator import OfflineLocator
-from tools.reasoner import (
+from luciddrag.tools.locator import OfflineLocator
+from luciddrag.tools.reasoner import (
     ReasonerConfig,
     ReasonRequest,
     clean_intentions,
@@ -27,7 +27,7 @@ from tools.reasoner import (
     reason,
     select_intention,
 )
-from tools.schemas import (
+from luciddrag.tools.schemas import (
     DragPair,
     DragPoints,
     HandleDescription,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent.artifacts import ImageRef
-from agent.report import format_report
-from agent.state import Attempt
+from luciddrag.agent.artifacts import ImageRef
+from luciddrag.agent.report import format_report
+from luciddrag.agent.state import Attempt
 
 
 def _attempt(quality: float | None, verdict: str = "accepted", reason: str = "handle arrived") -> Attempt:

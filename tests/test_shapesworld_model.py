@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from evals.shapesworld import MODEL_DIR, world
-from evals.shapesworld.segment import segment_objects
+from luciddrag.evals.shapesworld import MODEL_DIR, world
+from luciddrag.evals.shapesworld.segment import segment_objects
 
 FOLDER = Path(os.environ.get("LUCIDDRAG_SHAPESWORLD_MODEL", MODEL_DIR))
 pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").exists(),
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").exists(),
 
 @pytest.fixture(scope="module")
 def comps():
-    from evals.shapesworld.train import load_components
+    from luciddrag.evals.shapesworld.train import load_components
 
     torch.set_num_threads(2)
     return load_components(FOLDER)
@@ -70,7 +70,7 @@ def test_tokenizer_is_word_level_and_consistent(comps) -> None:
 
 
 def test_latents_have_about_unit_std(comps) -> None:
-    from evals.shapesworld.quality import encode
+    from luciddrag.evals.shapesworld.quality import encode
 
     imgs = np.stack([world.render_scene(900_500_000 + i).array() for i in range(16)])
     z = encode(comps, imgs)
@@ -81,7 +81,7 @@ def test_latents_have_about_unit_std(comps) -> None:
 def test_few_step_samples_draw_the_prompted_shapes(comps) -> None:
     """4 DDIM steps must give images; 8 steps must give the prompted class and colour (measured: 89% over all
     15 class/colour pairs and 3 seeds at 8 steps, 69% at 4 steps, 91% at 20 steps, for "a big ... in the center")."""
-    from evals.shapesworld.quality import sample
+    from luciddrag.evals.shapesworld.quality import sample
 
     pairs = (("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "yellow"),
              ("square", "purple"), ("triangle", "red"))
@@ -106,7 +106,7 @@ def test_shipped_model_predicts_v_on_sd_schedule_with_the_position_signal(comps)
 def test_shipped_model_puts_the_shape_where_the_caption_says(comps) -> None:
     """Position words work: one prompt per grid cell, the drawn circle must land in (or next to) the named cell for
     most of them (a model without the position signal scores at chance here, ~2/9)."""
-    from evals.shapesworld.quality import near_cell, sample
+    from luciddrag.evals.shapesworld.quality import near_cell, sample
 
     phrases = world.POSITION_PHRASES
     images = sample(comps, [world.describe_shape("circle", "red", "big", p) for p in phrases], steps=10,
@@ -130,7 +130,7 @@ def test_training_checkpoints_are_safetensors_and_resume_exactly(tmp_path: Path)
     """The trainer's resume state (weights, Adam, RNGs, progress) round-trips through one safetensors file."""
     from safetensors import safe_open
 
-    from engine.checkpoint import atomic_save, load_checkpoint
+    from luciddrag.engine.checkpoint import atomic_save, load_checkpoint
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -163,7 +163,7 @@ def test_training_checkpoints_are_safetensors_and_resume_exactly(tmp_path: Path)
 
 def test_four_level_unet_reaches_a_2x2_map_and_keeps_the_sd_interface() -> None:
     """The position-word experiment's UNet: same classes and I/O as the shipped one, one more level (2x2 mid)."""
-    from evals.shapesworld.train import build_unet
+    from luciddrag.evals.shapesworld.train import build_unet
 
     unet = build_unet(4)
     seen = {}
@@ -177,7 +177,7 @@ def test_four_level_unet_reaches_a_2x2_map_and_keeps_the_sd_interface() -> None:
 
 def test_v_prediction_loss_keeps_weight_at_high_noise_and_inverts_to_x0() -> None:
     """v target: x0 recovers exactly from (x_t, v); its x0-error weight never drops below 1, Min-SNR eps's does."""
-    from evals.shapesworld.train import build_scheduler, loss_target_and_weight
+    from luciddrag.evals.shapesworld.train import build_scheduler, loss_target_and_weight
 
     sched = build_scheduler("v_prediction")
     x0, noise = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
@@ -197,7 +197,7 @@ def test_v_prediction_loss_keeps_weight_at_high_noise_and_inverts_to_x0() -> Non
 
 
 def test_trainer_refuses_to_continue_a_model_with_another_prediction_type(tmp_path: Path) -> None:
-    from evals.shapesworld.train import TrainConfig, check_config
+    from luciddrag.evals.shapesworld.train import TrainConfig, check_config
 
     theirs = json.loads((FOLDER / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
     other = "epsilon" if theirs == "v_prediction" else "v_prediction"
@@ -209,7 +209,7 @@ def test_trainer_refuses_to_continue_a_model_with_another_prediction_type(tmp_pa
 
 
 def test_trainer_refuses_a_position_signal_on_a_continued_unet(tmp_path: Path) -> None:
-    from evals.shapesworld.train import TrainConfig, check_config
+    from luciddrag.evals.shapesworld.train import TrainConfig, check_config
 
     cfg = TrainConfig(out=tmp_path / "o", work_dir=tmp_path / "w", init_from=FOLDER, position_signal="input",
                       prediction_type="v_prediction")
@@ -231,7 +231,7 @@ def test_trainer_refuses_a_position_signal_on_a_continued_unet(tmp_path: Path) -
 def test_zero_terminal_snr_schedule_hides_the_image_at_the_last_step_and_needs_v() -> None:
     """SD's schedule leaves 7% of the image at t = 999 (enough to read a big shape's place off the noise); the
     rescaled one leaves none, sampling starts there, and the v loss stays finite with x0 weight 1."""
-    from evals.shapesworld.train import TrainConfig, build_scheduler, check_config, loss_target_and_weight
+    from luciddrag.evals.shapesworld.train import TrainConfig, build_scheduler, check_config, loss_target_and_weight
 
     sd, zero = build_scheduler("v_prediction"), build_scheduler("v_prediction", zero_terminal_snr=True)
     assert float(sd.alphas_cumprod[999].sqrt()) > 0.05 and float(zero.alphas_cumprod[999]) == 0.0
@@ -251,7 +251,7 @@ def test_zero_terminal_snr_schedule_hides_the_image_at_the_last_step_and_needs_v
 
 
 def test_training_history_counts_only_what_went_into_the_model() -> None:
-    from evals.shapesworld.train import cumulative_minutes, history_before
+    from luciddrag.evals.shapesworld.train import cumulative_minutes, history_before
 
     run1 = {"run_id": "r1", "config": {"init_from": None, "fresh_unet": False},
             "seconds": {"vae": 600.0, "unet": 1200.0}}
@@ -272,7 +272,7 @@ def test_training_history_counts_only_what_went_into_the_model() -> None:
 
 
 def test_run_id_is_new_per_fresh_start_and_kept_on_resume(tmp_path: Path) -> None:
-    from evals.shapesworld.train import run_id_of
+    from luciddrag.evals.shapesworld.train import run_id_of
 
     first = run_id_of(tmp_path, fresh=True)
     assert run_id_of(tmp_path, fresh=False) == first

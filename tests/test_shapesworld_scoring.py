@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from evals.shapesworld import world
-from evals.shapesworld.scoring import (
+from luciddrag.evals.shapesworld import world
+from luciddrag.evals.shapesworld.scoring import (
     GHOST_THRESHOLD,
     aggregate,
     format_table,
     psnr_outside,
     score_task,
 )
-from evals.shapesworld.tasks import TASK_SEED_BASE, DragTask, TaskSuite, boundary_distance, generate_tasks
+from luciddrag.evals.shapesworld.tasks import TASK_SEED_BASE, DragTask, TaskSuite, boundary_distance, generate_tasks
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_preservation_psnr() -> None:
 
 
 def test_ablation_rows_keep_their_overrides() -> None:
-    from evals.shapesworld.drag_eval import split_configs
+    from luciddrag.evals.shapesworld.drag_eval import split_configs
 
     assert split_configs("reconstruct, editing+quality@w=10,n=10,all") == [
         "reconstruct", "editing+quality@w=10,n=10", "all"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from evals.shapesworld import world
-from evals.shapesworld.segment import (
+from luciddrag.evals.shapesworld import world
+from luciddrag.evals.shapesworld.segment import (
     background_mask,
     classify_shape,
     colour_of_hue,

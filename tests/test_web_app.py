@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.web.session import (InputError, WebSettings, display_size, points_from_text, render_canvas, to_display_px,
+from luciddrag.agent.web.session import (InputError, WebSettings, display_size, points_from_text, render_canvas, to_display_px,
                                to_image_px)
-from evals.shapesworld.world import render_scene
+from luciddrag.evals.shapesworld.world import render_scene
 from tests.web_server import running_app
 
 
@@ -45,9 +45,9 @@ def test_points_text_and_settings_errors():
 
 
 def test_settings_start_from_the_models_recommendations(tmp_path):
-    from agent.context import model_defaults
-    from agent.web.app import default_settings
-    from evals.shapesworld import MODEL_DIR
+    from luciddrag.agent.context import model_defaults
+    from luciddrag.agent.web.app import default_settings
+    from luciddrag.evals.shapesworld import MODEL_DIR
 
     rec = model_defaults(str(MODEL_DIR))
     s = default_settings()
@@ -78,7 +78,7 @@ def test_canvas_draws_pairs_and_dims_outside_the_mask():
 def test_cli_mounts_web_command():
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from luciddrag.agent.cli import app
 
     out = CliRunner().invoke(app, ["web", "--help"])
     assert out.exit_code == 0 and "--port" in out.output and "127.0.0.1" in out.output
@@ -250,7 +250,7 @@ def test_api_key_is_never_sent_to_the_page(tmp_path):
 @pytest.mark.timeout(120)
 def test_edit_reports_every_step_and_streams_attempts(server, scene_file):
     """The Edit handler itself: per-step progress (inversion and sampling) and the gallery updated while it runs."""
-    from agent.web.session import Session
+    from luciddrag.agent.web.session import Session
 
     _, app = server
     sc, _, pts = scene_file
@@ -277,6 +277,6 @@ def test_edit_reports_every_step_and_streams_attempts(server, scene_file):
 
 
 def app_settings_fields():
-    from agent.web.app import SETTINGS_FIELDS
+    from luciddrag.agent.web.app import SETTINGS_FIELDS
 
     return SETTINGS_FIELDS

@@ -45,8 +45,8 @@ def test_click_to_drag_in_chromium(tmp_path):
         "this) or LUCIDDRAG_CHROMIUM pointing at a Chromium binary")
     from playwright.sync_api import expect, sync_playwright
 
-    from agent.web.examples import SHAPES_SCENES
-    from evals.shapesworld.world import render_scene
+    from luciddrag.agent.web.examples import SHAPES_SCENES
+    from luciddrag.evals.shapesworld.world import render_scene
 
     seed, n = SHAPES_SCENES[0]
     scene = render_scene(seed, n_shapes=n)

@@ -20,7 +20,7 @@ def free_port() -> int:
 @contextmanager
 def running_app(root: Path, **overrides) -> Iterator[tuple[str, object]]:
     """Yields (url, WebApp); the server is closed afterwards."""
-    from agent.web.app import build_app, default_settings, launch
+    from luciddrag.agent.web.app import build_app, default_settings, launch
 
     demo = build_app(default_settings(**{**FAST, **overrides}), root=root)
     port = free_port()

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tools.schemas import Box, DragPoints, Point
+from luciddrag.tools.schemas import Box, DragPoints, Point
 
 RGB = tuple[int, int, int]
 

@@ -40,11 +40,11 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from engine.errors import InputError, ModelLoadError
-from prompts import RenderedPrompt, load_template, parse_label
-from tools.drawing import crop_window, draw_drags, zoomed_crop
-from tools.llm import LLM_SERVICE_ERRORS, NO_LLM_NOTICE, LLMSettings, describe_llm_error, make_chat_model
-from tools.schemas import (
+from luciddrag.engine.errors import InputError, ModelLoadError
+from luciddrag.prompts import RenderedPrompt, load_template, parse_label
+from luciddrag.tools.drawing import crop_window, draw_drags, zoomed_crop
+from luciddrag.tools.llm import LLM_SERVICE_ERRORS, NO_LLM_NOTICE, LLMSettings, describe_llm_error, make_chat_model
+from luciddrag.tools.schemas import (
     Box,
     DragPoints,
     HandleDescription,
@@ -203,7 +203,7 @@ def shapesworld_objects(image: Image.Image) -> list[Any] | None:
     if max(image.size) > 1024:
         return None  # ShapesWorld renders are small; don't spend time segmenting large photos
     try:
-        from evals.shapesworld.segment import foreground_mask, segment_objects
+        from luciddrag.evals.shapesworld.segment import foreground_mask, segment_objects
     except ImportError:  # a trimmed install without the evals package
         return None
     objects = segment_objects(image)
@@ -222,7 +222,7 @@ def shapesworld_objects(image: Image.Image) -> list[Any] | None:
 
 def shapesworld_attributes(obj: Any, width: int, height: int) -> dict[str, str]:
     """Caption-grammar attributes of a segmented shape: shape, colour, size word, position phrase, phrase."""
-    from evals.shapesworld.world import describe_shape, position_phrase, size_word
+    from luciddrag.evals.shapesworld.world import describe_shape, position_phrase, size_word
 
     size = size_word(obj.size, width)
     position = position_phrase(obj.centroid[0], obj.centroid[1], width, height)
@@ -313,7 +313,7 @@ class OfflineLocator:
     def _shapesworld(objects: list[Any], index: int, handle: Point, width: int, height: int) -> HandleDescription:
         obj = object_at(objects, handle)
         if obj is None:
-            from evals.shapesworld.world import position_phrase
+            from luciddrag.evals.shapesworld.world import position_phrase
 
             where = position_phrase(handle[0], handle[1], width, height)
             return HandleDescription(index=index, handle=handle, description=f"the empty background {where}",
@@ -325,7 +325,7 @@ class OfflineLocator:
 
     @staticmethod
     def _caption_from(objects: list[Any], width: int, height: int) -> str:
-        from evals.shapesworld.world import join_descriptions
+        from luciddrag.evals.shapesworld.world import join_descriptions
 
         # Reading order (top to bottom, left to right) so the rebuilt caption does not depend on object areas.
         ordered = sorted(objects, key=lambda o: (round(o.centroid[1] / max(1, height / 3)), o.centroid[0]))

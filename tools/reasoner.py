@@ -29,9 +29,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from prompts import RenderedPrompt, load_template, parse_label
-from tools.llm import LLM_SERVICE_ERRORS, NO_LLM_NOTICE, LLMSettings, StructuredMethod, describe_llm_error, make_chat_model
-from tools.schemas import (
+from luciddrag.prompts import RenderedPrompt, load_template, parse_label
+from luciddrag.tools.llm import LLM_SERVICE_ERRORS, NO_LLM_NOTICE, LLMSettings, StructuredMethod, describe_llm_error, make_chat_model
+from luciddrag.tools.schemas import (
     DragPair,
     DragPoints,
     HandleDescription,
@@ -456,7 +456,7 @@ def _generic_candidates(g: DragGeometry, desc: HandleDescription, caption: str) 
 
 
 def _shapes_grammar() -> tuple[re.Pattern[str], Any]:
-    from evals.shapesworld import world
+    from luciddrag.evals.shapesworld import world
 
     colours = "|".join(world.COLOURS)
     shapes = "|".join(world.SHAPES)
@@ -511,7 +511,7 @@ def _shapes_candidates(g: DragGeometry, desc: HandleDescription, caption: str,
     attrs = desc.attributes
     if not {"shape", "colour", "size", "position"} <= set(attrs):
         return None
-    from evals.shapesworld.world import SIZE_WORDS, position_phrase
+    from luciddrag.evals.shapesworld.world import SIZE_WORDS, position_phrase
 
     width, height = image_size
     obj = desc.description

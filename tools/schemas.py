@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.errors import InputError
-from engine.request import DragPair  # re-exported: the tools speak the engine's drag type
+from luciddrag.engine.errors import InputError
+from luciddrag.engine.request import DragPair  # re-exported: the tools speak the engine's drag type
 
 Point = tuple[float, float]
 """A pixel position (x, y)."""

@@ -45,11 +45,11 @@ def web_command(
     Works on a fresh machine: the ShapesWorld model and the offline reasoner need no download and no key.
     """
     try:
-        from agent.web.app import build_app, default_settings, launch
+        from luciddrag.agent.web.app import build_app, default_settings, launch
     except ModuleNotFoundError as exc:
         typer.secho(f"error: the web app needs {exc.name}: pip install 'gradio>=6,<7'", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    from engine.errors import LucidDragError
+    from luciddrag.engine.errors import LucidDragError
 
     if not _is_loopback(host):
         typer.secho(f"note: serving on {host}: anyone who can reach this address can use the app (no login).",

@@ -31,11 +31,11 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 from PIL import Image
 
-from agent.artifacts import ArtifactStore, ImageRef
-from agent.web.examples import bundled_examples, thumbnails
-from agent.web.session import (GalleryItem, Pending, Session, WebSettings, attempt_caption, check_points, enlarge,
+from luciddrag.agent.artifacts import ArtifactStore, ImageRef
+from luciddrag.agent.web.examples import bundled_examples, thumbnails
+from luciddrag.agent.web.session import (GalleryItem, Pending, Session, WebSettings, attempt_caption, check_points, enlarge,
                                display_size, framed, points_from_text, render_canvas, to_image_px)
-from engine.errors import InputError, LucidDragError
+from luciddrag.engine.errors import InputError, LucidDragError
 
 log = logging.getLogger("luciddrag.web")
 
@@ -55,7 +55,7 @@ CSS = """
 def default_settings(model: str | None = None, device: str | None = None, **overrides: Any) -> WebSettings:
     """The app's defaults: the shipped ShapesWorld model (works offline on a CPU) unless a model is named, with the
     model's recommended settings (luciddrag.json) in the panel; explicit overrides win."""
-    from evals.shapesworld import MODEL_DIR
+    from luciddrag.evals.shapesworld import MODEL_DIR
 
     return WebSettings.for_model(model or str(MODEL_DIR), device=device or None, **overrides)
 
@@ -64,8 +64,8 @@ class WebApp:
     """Handlers and wiring. One instance per server; per-user data lives only in the `Session`s."""
 
     def __init__(self, defaults: WebSettings, root: Path | None = None, checkpointer: Any = None) -> None:
-        from agent.chat import build_chat_graph
-        from agent.graph import build_graph
+        from luciddrag.agent.chat import build_chat_graph
+        from luciddrag.agent.graph import build_graph
 
         self.defaults = defaults
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="luciddrag-web-"))
@@ -154,7 +154,7 @@ class WebApp:
     # -- image and points -------------------------------------------------------------------------------------------
 
     def _load(self, sess: Session, image: Image.Image, caption: str | None, note: str) -> dict:
-        from engine.preprocess import MIN_SIDE, to_rgb
+        from luciddrag.engine.preprocess import MIN_SIDE, to_rgb
 
         rgb, _ = to_rgb(image)
         if min(rgb.size) < MIN_SIDE:

@@ -18,7 +18,7 @@ class Example:
 
 
 def _scene(seed: int, n: int | None) -> Example:
-    from evals.shapesworld.world import render_scene
+    from luciddrag.evals.shapesworld.world import render_scene
 
     sc = render_scene(seed, n_shapes=n)
     return Example(name=f"ShapesWorld #{seed}", caption=sc.caption, load=lambda: render_scene(seed, n_shapes=n).image)
@@ -48,7 +48,7 @@ def bundled_examples() -> list[Example]:
 
 def thumbnails(examples: list[Example], folder: Path, side: int = 128) -> list[tuple[str, str]]:
     """(path, label) pairs for the examples gallery, written once per app start."""
-    from agent.web.session import enlarge
+    from luciddrag.agent.web.session import enlarge
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []

@@ -1,6 +1,6 @@
 """The agent-eval case set (``cases/cases.yaml`` + ``cases/images/``) and the script that rebuilt its images.
 
-``python -m evals.agent.cases`` re-derives the photo images from scikit-image (optional extra ``evals``) and the
+``python -m luciddrag.evals.agent.cases`` re-derives the photo images from scikit-image (optional extra ``evals``) and the
 ShapesWorld scenes from their task seeds.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field
 
-from engine.errors import InputError
+from luciddrag.engine.errors import InputError
 
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 
@@ -57,7 +57,7 @@ def build_images(out: Path = CASES_DIR / "images") -> None:  # pragma: no cover 
     import skimage.data as data
     from PIL import Image
 
-    from evals.shapesworld.tasks import generate_tasks
+    from luciddrag.evals.shapesworld.tasks import generate_tasks
 
     photos = {"astronaut": data.astronaut, "chelsea": data.chelsea, "coffee": data.coffee, "rocket": data.rocket,
               "motorcycle": lambda: data.stereo_motorcycle()[0]}

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from engine.errors import LucidDragError
+from luciddrag.engine.errors import LucidDragError
 
 
 def app(
@@ -27,8 +27,8 @@ def app(
     """Evaluate the intention reasoner and the agent's graph on the case set: schema validity, constraints, diversity
     and trajectories. Replays recorded answers by default; a changed prompt template is reported as a cassette miss.
     """
-    from evals.agent.cases import load_cases
-    from evals.agent.runner import compare_table, format_table, run_agent_eval
+    from luciddrag.evals.agent.cases import load_cases
+    from luciddrag.evals.agent.runner import compare_table, format_table, run_agent_eval
 
     try:
         selected = load_cases(only=[c.strip() for c in cases.split(",")] if cases else None)

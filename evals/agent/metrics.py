@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from tools.schemas import Intention
+from luciddrag.tools.schemas import Intention
 
 _STOP = {"a", "an", "the", "of", "to", "and", "it", "its", "in", "on", "at", "with", "make", "making", "is", "be",
          "photo", "image", "picture", "more", "bit", "slightly", "so", "that", "this"}

@@ -22,12 +22,12 @@ from unittest import mock
 
 from pydantic import BaseModel, Field
 
-from evals.agent.cases import AgentCase
-from evals.agent.cassette import CassetteServer
-from evals.agent.metrics import case_constraints, diversity, has_any, trajectory_checks
-from prompts import load_template, parse_label
-from tools.llm import LLMSettings
-from tools.schemas import DragPoints, HandleDescription, Intention, LocatorResult
+from luciddrag.evals.agent.cases import AgentCase
+from luciddrag.evals.agent.cassette import CassetteServer
+from luciddrag.evals.agent.metrics import case_constraints, diversity, has_any, trajectory_checks
+from luciddrag.prompts import load_template, parse_label
+from luciddrag.tools.llm import LLMSettings
+from luciddrag.tools.schemas import DragPoints, HandleDescription, Intention, LocatorResult
 
 PROMPT_NAME = "reason_intentions"
 
@@ -82,7 +82,7 @@ def _located(case: AgentCase, drags: DragPoints) -> LocatorResult:
         descs = [HandleDescription(index=i, handle=p.handle, description=d)
                  for i, (p, d) in enumerate(zip(drags.pairs, case.handle_descriptions))]
         return LocatorResult(descriptions=descs, backend="case", image_size=size)
-    from tools.locator import LocatorConfig, locate
+    from luciddrag.tools.locator import LocatorConfig, locate
 
     return locate(str(case.image_path), drags, None, LocatorConfig(backend="offline"))
 
@@ -93,7 +93,7 @@ def _schema_valid(backend: str, warnings: Sequence[str]) -> bool:
 
 
 def reason_case(case: AgentCase, settings: LLMSettings, label: str) -> CaseResult:
-    from tools.reasoner import ReasonerConfig, ReasonRequest, reason
+    from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
 
     drags = DragPoints.from_flat([list(p) for p in case.points])
     request = ReasonRequest(drags=drags, located=_located(case, drags), caption=case.caption, k=case.expect.k)
@@ -107,10 +107,10 @@ def reason_case(case: AgentCase, settings: LLMSettings, label: str) -> CaseResul
 
 def trajectory_case(case: AgentCase, settings: LLMSettings, label: str, max_attempts: int = 3) -> dict[str, Any]:
     """Run the agent graph with a scripted critic; returns nodes, attempts, intentions and checks."""
-    import agent.nodes as nodes
-    from agent.context import AgentContext
-    from agent.graph import build_graph
-    from tools.reasoner import ReasonerConfig
+    import luciddrag.agent.nodes as nodes
+    from luciddrag.agent.context import AgentContext
+    from luciddrag.agent.graph import build_graph
+    from luciddrag.tools.reasoner import ReasonerConfig
 
     accepts = case.expect.critic_accepts
 
@@ -174,7 +174,7 @@ def run_agent_eval(cases: Sequence[AgentCase], *, version: int | None = None, mo
                    api_key: str | None = None, structured_output: str | None = None,
                    trajectories: bool = True, synthetic: bool = False, note: str = "",
                    forward: Any = None) -> AgentEvalReport:
-    from evals.agent.cassette import CASSETTE_DIR
+    from luciddrag.evals.agent.cassette import CASSETTE_DIR
 
     label, sha = template_label(version)
     root = cassette_root or CASSETTE_DIR
@@ -199,7 +199,7 @@ def run_agent_eval(cases: Sequence[AgentCase], *, version: int | None = None, mo
             elif mode == "record":
                 result.cassette = "recorded"
             results.append(result)
-    from evals.agent.cassette import load_cassette
+    from luciddrag.evals.agent.cassette import load_cassette
 
     first = next((c for c in (load_cassette(root, label, r.case) for r in results) if c is not None), None)
     return AgentEvalReport(prompt=label, template_sha256=sha, mode=mode,

@@ -1,7 +1,7 @@
 """Scripted answers for the committed cassettes: written by hand, NOT produced by an LLM.
 
 No LLM key exists where this project is developed, so the cassettes under ``cassettes/`` were recorded through the
-real client stack against this scripted upstream (``python -m evals.agent.scripted``), and their metadata says so
+real client stack against this scripted upstream (``python -m luciddrag.evals.agent.scripted``), and their metadata says so
 (``synthetic: true``). The answers are written the way a capable model answers the ``reason_intentions`` prompt
 (three ranked intentions, prompts differing in the edited words), including a few realistic imperfections, so the
 metrics have something to measure. Anyone with a key replaces them with a real model's answers:
@@ -124,8 +124,8 @@ def scripted_forward(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_scripted(version: int | None = None) -> None:  # pragma: no cover - maintenance
-    from evals.agent.cases import load_cases
-    from evals.agent.runner import format_table, run_agent_eval
+    from luciddrag.evals.agent.cases import load_cases
+    from luciddrag.evals.agent.runner import format_table, run_agent_eval
 
     report = run_agent_eval(load_cases(), version=version, mode="record", model="scripted-answers",
                             upstream="scripted://evals/agent/scripted.py", synthetic=True, note=SCRIPTED_NOTE,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from engine.errors import LucidDragError
+from luciddrag.engine.errors import LucidDragError
 
 
 def app(
@@ -39,11 +39,11 @@ def app(
     Writes OUT/tables.md + tables.json (per category, the paper's Tab. 4/5 layout), OUT/report.html + report.png,
     and a record per sample. Rerun the same command to resume; add a metric to --metrics to compute only that.
     """
-    from agent.cli import _quiet_libraries
-    from evals.dragbench.data import load_dataset
-    from evals.dragbench.metrics import DiftConfig
-    from evals.dragbench.report import write_tables, write_visuals
-    from evals.dragbench.runner import RunConfig, run
+    from luciddrag.agent.cli import _quiet_libraries
+    from luciddrag.evals.dragbench.data import load_dataset
+    from luciddrag.evals.dragbench.metrics import DiftConfig
+    from luciddrag.evals.dragbench.report import write_tables, write_visuals
+    from luciddrag.evals.dragbench.runner import RunConfig, run
 
     _quiet_libraries()
     try:
@@ -65,7 +65,7 @@ def app(
     except LucidDragError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    from evals.dragbench.report import tables_markdown
+    from luciddrag.evals.dragbench.report import tables_markdown
 
     typer.echo(tables_markdown(tables))
     failed = [r.sample_id for r in records if r.errors]

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import InputError
+from luciddrag.engine.errors import InputError
 
 Format = Literal["dragbench", "drag100"]
 

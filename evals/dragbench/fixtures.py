@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evals.shapesworld.tasks import DragTask, generate_tasks
-from tools.drawing import draw_drags
+from luciddrag.evals.shapesworld.tasks import DragTask, generate_tasks
+from luciddrag.tools.drawing import draw_drags
 
 # ShapesWorld families filed under two of DragBench's categories (any names work; these exercise the table layout).
 FAMILY_CATEGORY = {"move": "other_objects", "resize": "art_work"}

@@ -18,9 +18,9 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from prompts import load_template, parse_label
-from tools.llm import LLM_SERVICE_ERRORS, StructuredMethod, describe_llm_error
-from tools.locator import image_to_data_url
+from luciddrag.prompts import load_template, parse_label
+from luciddrag.tools.llm import LLM_SERVICE_ERRORS, StructuredMethod, describe_llm_error
+from luciddrag.tools.locator import image_to_data_url
 
 log = logging.getLogger(__name__)
 

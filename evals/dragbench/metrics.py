@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from engine.errors import ModelLoadError
-from engine.loading import Components
-from engine.preprocess import scale_point
-from engine.tracking import dift_features, nearest_match
+from luciddrag.engine.errors import ModelLoadError
+from luciddrag.engine.loading import Components
+from luciddrag.engine.preprocess import scale_point
+from luciddrag.engine.tracking import dift_features, nearest_match
 
 Point = tuple[float, float]
 

@@ -32,9 +32,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from engine.errors import InputError, LucidDragError
-from evals.dragbench.data import Format, Sample, load_dataset
-from evals.dragbench.metrics import DAI_GAMMAS, CLIP_MODEL, DiftConfig
+from luciddrag.engine.errors import InputError, LucidDragError
+from luciddrag.evals.dragbench.data import Format, Sample, load_dataset
+from luciddrag.evals.dragbench.metrics import DAI_GAMMAS, CLIP_MODEL, DiftConfig
 
 Method = Literal["agent", "fixed-intention", "no-intention", "results"]
 METRICS = ("md", "lpips", "clip", "dai", "gscore")
@@ -107,23 +107,23 @@ class Scorers:
         self.cfg = cfg
         self.dift_c = self.lpips = self.clip = self.chat = None
         if "md" in cfg.metrics:
-            from engine.loading import load_components
+            from luciddrag.engine.loading import load_components
 
             same = editing_components is not None and cfg.model is not None and cfg.dift.model == cfg.model
             self.dift_c = editing_components() if same else load_components(cfg.dift.model, cfg.device)
         if "lpips" in cfg.metrics:
-            from evals.dragbench.lpips import load_lpips
+            from luciddrag.evals.dragbench.lpips import load_lpips
 
             self.lpips = load_lpips()
         if "clip" in cfg.metrics:
-            from evals.dragbench.metrics import load_clip
+            from luciddrag.evals.dragbench.metrics import load_clip
 
             self.clip = load_clip(cfg.clip_model)
         if "gscore" in cfg.metrics:
             self.chat = chat_model if chat_model is not None else _gscore_chat(cfg)
 
     def score(self, sample: Sample, source: Image.Image, edited: Image.Image, missing: list[str]) -> dict[str, Any]:
-        from evals.dragbench import metrics as M
+        from luciddrag.evals.dragbench import metrics as M
 
         out: dict[str, Any] = {}
         if "md" in missing:
@@ -131,7 +131,7 @@ class Scorers:
             d = M.point_distances(found, sample.targets)
             out.update(md_points=d, md=float(np.mean(d)), tracked=found)
         if "lpips" in missing:
-            from evals.dragbench.lpips import one_minus_lpips
+            from luciddrag.evals.dragbench.lpips import one_minus_lpips
 
             out["lpips_fidelity"] = one_minus_lpips(self.lpips, source, edited)
         if "clip" in missing:
@@ -142,11 +142,11 @@ class Scorers:
                 e = e.resize(source.size, Image.Resampling.BILINEAR)
             out.update(M.dai_all(np.asarray(source.convert("RGB")), np.asarray(e), sample.pairs))
         if "gscore" in missing:
-            from evals.dragbench.gscore import gscore
+            from luciddrag.evals.dragbench.gscore import gscore
 
             method = "json_schema"
             try:
-                from tools.llm import LLMSettings
+                from luciddrag.tools.llm import LLMSettings
 
                 method = LLMSettings.from_env().structured_output
             except Exception:  # noqa: BLE001 - a bad env value just keeps the default
@@ -157,8 +157,8 @@ class Scorers:
 
 
 def _gscore_chat(cfg: RunConfig) -> Any:
-    from evals.dragbench.gscore import GSCORE_TEMPERATURE
-    from tools.llm import LLMSettings, make_chat_model
+    from luciddrag.evals.dragbench.gscore import GSCORE_TEMPERATURE
+    from luciddrag.tools.llm import LLMSettings, make_chat_model
 
     settings = LLMSettings.from_env(temperature=GSCORE_TEMPERATURE, model=cfg.gscore_model)
     if not settings.configured:
@@ -181,7 +181,7 @@ def find_result(results_dir: Path, sample: Sample) -> Path:
 
 
 def _agent_context(cfg: RunConfig, artifacts: Path):
-    from agent.context import AgentContext, model_defaults
+    from luciddrag.agent.context import AgentContext, model_defaults
 
     # the model folder's recommended sampler and critic settings (ShapesWorld ships luciddrag.json)
     ctx = AgentContext(steps=cfg.steps, seed=cfg.seed, k=cfg.k, max_attempts=cfg.attempts, locator=cfg.locator,
@@ -200,7 +200,7 @@ def _agent_context(cfg: RunConfig, artifacts: Path):
 
 def edit_sample(sample: Sample, cfg: RunConfig, ctx: Any, graph: Any) -> tuple[Image.Image, dict[str, Any]]:
     """Run the agent graph on one sample with the method's settings -> (result, what was chosen)."""
-    from agent.artifacts import ArtifactStore
+    from luciddrag.agent.artifacts import ArtifactStore
 
     inp: dict[str, Any] = {"image": str(sample.image_path), "points": list(sample.points)}
     if sample.mask is not None and np.asarray(sample.mask).any():
@@ -249,13 +249,13 @@ def run(cfg: RunConfig, out: Path, *, progress: bool = True, chat_model: Any = N
 
     ctx = graph = None
     if cfg.method != "results":
-        from agent.graph import build_graph
+        from luciddrag.agent.graph import build_graph
 
         ctx = _agent_context(cfg, out / "artifacts")
         graph = build_graph()
 
     def editing_components():
-        from agent.tools import get_editor
+        from luciddrag.agent.tools import get_editor
 
         return get_editor(ctx).c
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from evals.shapesworld import MODEL_DIR
+from luciddrag.evals.shapesworld import MODEL_DIR
 
 app = typer.Typer(help="ShapesWorld: train the tiny test-bed diffusion model.", no_args_is_help=True)
 
@@ -59,7 +59,7 @@ def shapesworld(
 
     The defaults reproduce the shipped model (44 min on 2 cores, seed 0): `luciddrag train shapesworld --out DIR
     --docs DIR2` (without --out / --docs it overwrites the shipped model and its record)."""
-    from evals.shapesworld.train import TrainConfig, check_config, default_work_dir, train
+    from luciddrag.evals.shapesworld.train import TrainConfig, check_config, default_work_dir, train
 
     cfg = TrainConfig(out=out, work_dir=work_dir or default_work_dir(seed), seed=seed, minutes=minutes,
                       n_scenes=scenes, docs_dir=docs, vae_minutes=vae_minutes,

@@ -10,7 +10,7 @@ appearance checks read from the same DIFT features -- how similar the handle's b
 around the handle is to the same disc around the tracked point, how much of the handle's content is still at the
 handle (ghosts) -- plus the mean colour difference over that disc.
 
-    python -m evals.shapesworld.critic_study --out /tmp/critic --discriminator evals/shapesworld/discriminator
+    python -m luciddrag.evals.shapesworld.critic_study --out /tmp/critic --discriminator evals/shapesworld/discriminator
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.tracking import within_radius
-from evals.shapesworld.discriminator_data import (BREAKS, CRITIC_SEED_BASE, _best_threshold, broken_edit,
+from luciddrag.engine.tracking import within_radius
+from luciddrag.evals.shapesworld.discriminator_data import (BREAKS, CRITIC_SEED_BASE, _best_threshold, broken_edit,
                                                   faithful_engine_edits)
-from evals.shapesworld.tasks import DragTask
+from luciddrag.evals.shapesworld.tasks import DragTask
 
 DEV_SEED_BASE = 880_000_000  # scenes disjoint from the critic's (8.7e8), the drag suite (8e8) and synthesis (7e8)
 DISC_RADIUS = 3  # pixels: the disc compared around the handle / tracked point (a ShapesWorld shape is 8-20 px)
@@ -93,8 +93,8 @@ def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block:
     unedited image of a set, one row each."""
     from tqdm.auto import tqdm
 
-    from engine.discriminator import score_images
-    from engine.tracking import dift_features
+    from luciddrag.engine.discriminator import score_images
+    from luciddrag.engine.tracking import dift_features
 
     def feats(im: Image.Image, prompt: str) -> torch.Tensor:
         f = dift_features(components, im, prompt, t, block, ensemble, 42)
@@ -117,7 +117,7 @@ def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block:
 
 
 def _auc(pos, neg) -> float:
-    from engine.discriminator_train import roc_auc
+    from luciddrag.engine.discriminator_train import roc_auc
 
     return roc_auc(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))])
 
@@ -165,7 +165,7 @@ def report(dev: list[dict], test: list[dict], limit: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m evals.shapesworld.critic_study", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m luciddrag.evals.shapesworld.critic_study", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True,
                     help="folder for the two image sets (reused when there) and signals_t<T>.json")
@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timestep", type=int, default=None, help="DIFT timestep (default: the model's critic one)")
     args = ap.parse_args(argv)
 
-    from agent.context import model_defaults
-    from engine.discriminator import load_discriminator
-    from engine.errors import LucidDragError
-    from engine.loading import load_components
-    from evals.shapesworld import MODEL_DIR
+    from luciddrag.agent.context import model_defaults
+    from luciddrag.engine.discriminator import load_discriminator
+    from luciddrag.engine.errors import LucidDragError
+    from luciddrag.engine.loading import load_components
+    from luciddrag.evals.shapesworld import MODEL_DIR
 
     settings = model_defaults(MODEL_DIR)
     comps = load_components(str(MODEL_DIR), "cpu")

@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from engine.discriminator_data import SourceItem
-from evals.shapesworld import world
-from evals.shapesworld.scoring import GHOST_THRESHOLD, TaskScore, score_task
-from evals.shapesworld.tasks import DragTask, generate_tasks
+from luciddrag.engine.discriminator_data import SourceItem
+from luciddrag.evals.shapesworld import world
+from luciddrag.evals.shapesworld.scoring import GHOST_THRESHOLD, TaskScore, score_task
+from luciddrag.evals.shapesworld.tasks import DragTask, generate_tasks
 
 DISCRIMINATOR_DIR = Path(__file__).resolve().parent / "discriminator"  # the trained one shipped with the model
 SYNTH_SEED_BASE = 700_000_000  # disjoint from training scenes of seed 0, the drag suite (8e8) and quality (9e8)
@@ -162,10 +162,10 @@ def tracking_fractions(images, tasks, prompts) -> tuple[np.ndarray, float]:
     """The critique node's other check on each image: how far from its target DIFT tracking finds each handle's
     content, as a fraction of the drag length (the model's own critic settings from luciddrag.json); and the
     fraction the node accepts."""
-    from agent.context import AgentContext, model_defaults
-    from agent.tools import score_drag
-    from evals.shapesworld import MODEL_DIR
-    from tools.schemas import DragPoints
+    from luciddrag.agent.context import AgentContext, model_defaults
+    from luciddrag.agent.tools import score_drag
+    from luciddrag.evals.shapesworld import MODEL_DIR
+    from luciddrag.tools.schemas import DragPoints
 
     ctx = AgentContext(model=str(MODEL_DIR), device="cpu", **model_defaults(MODEL_DIR))
     return np.array([score_drag(ctx, t.scene().image, im, DragPoints.from_flat(t.points), prompt=p)["md_fraction"]
@@ -178,12 +178,12 @@ def faithful_engine_edits(n: int, seed_base: int, steps: int = 20, max_tries: in
     semantic guidance, the model's luciddrag.json) where that result is one a user keeps: the exact scorer calls it
     faithful and the shape arrived (MD <= 3 px). Tasks whose edit fails are skipped (at most `max_tries` edits).
     `components`: the ShapesWorld model already loaded (else it is loaded here)."""
-    from agent.context import model_defaults
-    from engine.loading import load_components
-    from engine.pipeline import DragEditor
-    from engine.request import GuidanceConfig
-    from evals.shapesworld import MODEL_DIR
-    from evals.shapesworld.drag_eval import config_request
+    from luciddrag.agent.context import model_defaults
+    from luciddrag.engine.loading import load_components
+    from luciddrag.engine.pipeline import DragEditor
+    from luciddrag.engine.request import GuidanceConfig
+    from luciddrag.evals.shapesworld import MODEL_DIR
+    from luciddrag.evals.shapesworld.drag_eval import config_request
 
     settings = model_defaults(MODEL_DIR)
     guidance, cfg_scale = settings.get("guidance", GuidanceConfig()), float(settings.get("guidance_scale", 1.0))
@@ -226,16 +226,16 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
     `engine_edits` > 0 also scores that many engine edits (editing guidance, `steps` steps) and reports how many of
     those the exact scorer calls faithful are accepted, and how many it calls low-fidelity are rejected.
     """
-    from engine.discriminator import load_discriminator, read_config, score_images, write_config
-    from engine.loading import load_components
-    from evals.shapesworld import MODEL_DIR
+    from luciddrag.engine.discriminator import load_discriminator, read_config, score_images, write_config
+    from luciddrag.engine.loading import load_components
+    from luciddrag.evals.shapesworld import MODEL_DIR
 
     comps = load_components(str(MODEL_DIR), "cpu")
     disc = load_discriminator(path, comps, use_cache=False)
     if good_from == "engine":
         tasks, good_ims = faithful_engine_edits(n, seed_base + 3_000_000, steps, components=comps)
         if len(tasks) < 4:
-            from engine.errors import InputError
+            from luciddrag.engine.errors import InputError
 
             raise InputError(f"only {len(tasks)} faithful engine edits in {3 * n} tries: too few to calibrate on")
         n = len(tasks)
@@ -278,15 +278,15 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
             "reject_by_kind": {k: float(np.mean([not acc_b[i] for i in range(n) if test[i] and kinds[i] == k]))
                                for k in BREAKS}}
     if engine_edits:
-        from engine.pipeline import DragEditor
-        from evals.shapesworld.drag_eval import config_request
+        from luciddrag.engine.pipeline import DragEditor
+        from luciddrag.evals.shapesworld.drag_eval import config_request
 
         editor = DragEditor(comps, show_progress=False)
         scorer = ShapesWorldScorer()
         etasks = [t for pair in zip(generate_tasks("move", engine_edits, seed_base + 7_000_000),
                                     generate_tasks("resize", engine_edits, seed_base + 7_000_000)) for t in pair]
         etasks = etasks[:engine_edits]
-        from engine.request import GuidanceConfig
+        from luciddrag.engine.request import GuidanceConfig
 
         ims, fid = [], []
         for t in tqdm(etasks, desc="engine edits", leave=False):
@@ -328,6 +328,6 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from engine.discriminator_train import roc_auc
+    from luciddrag.engine.discriminator_train import roc_auc
 
     return roc_auc(scores, labels)

@@ -6,7 +6,7 @@ minutes with the chosen recipe, then 45 samples (5 per phrase) are segmented and
 the model's quality report. Chance with the centre bias is about 20%. The experiment behind the recipe choice in
 docs/shapesworld/README.md; 12 minutes per run on one CPU thread.
 
-    python -m evals.shapesworld.position_toy OUT [--minutes 12] [--prediction v_prediction] [--zero-terminal-snr]
+    python -m luciddrag.evals.shapesworld.position_toy OUT [--minutes 12] [--prediction v_prediction] [--zero-terminal-snr]
         [--position-signal cross_attention|input] [--levels 3|4]
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evals.shapesworld import quality, world
-from evals.shapesworld import train as T
-from evals.shapesworld.segment import segment_objects
+from luciddrag.evals.shapesworld import quality, world
+from luciddrag.evals.shapesworld import train as T
+from luciddrag.evals.shapesworld.segment import segment_objects
 
 SHIPPED = Path(__file__).resolve().parent / "model"
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evals.shapesworld import world
-from evals.shapesworld.segment import SegObject, segment_objects
+from luciddrag.evals.shapesworld import world
+from luciddrag.evals.shapesworld.segment import SegObject, segment_objects
 
 POSITION_SLACK = 0.05  # fraction of the image side a centroid may lie outside the named cell and still count
 HELDOUT_SEED_BASE = 900_000_000

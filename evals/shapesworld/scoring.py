@@ -29,9 +29,9 @@ import math
 import numpy as np
 from pydantic import BaseModel
 
-from evals.shapesworld import world
-from evals.shapesworld.segment import SegObject, foreground_mask, segment_objects, to_rgb_array
-from evals.shapesworld.tasks import DragTask
+from luciddrag.evals.shapesworld import world
+from luciddrag.evals.shapesworld.segment import SegObject, foreground_mask, segment_objects, to_rgb_array
+from luciddrag.evals.shapesworld.tasks import DragTask
 
 SUCCESS_MD_PX = 3.0
 GHOST_THRESHOLD = 0.10  # fraction of the old footprint

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from evals.shapesworld.world import COLOURS, ShapeSpec, dilate, erode, rasterize
+from luciddrag.evals.shapesworld.world import COLOURS, ShapeSpec, dilate, erode, rasterize
 
 SAT_THRESHOLD = 0.45  # HSV saturation: background <= 0.22, palette >= 0.74
 MIN_VALUE = 0.16  # below this brightness, hue/saturation are noise

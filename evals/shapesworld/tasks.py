@@ -27,8 +27,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from engine.request import DragPair
-from evals.shapesworld import world
+from luciddrag.engine.request import DragPair
+from luciddrag.evals.shapesworld import world
 
 TASK_SEED_BASE = 800_000_000
 FAMILY_SEED_OFFSET = {"move": 0, "resize": 50_000_000}
