@@ -12,7 +12,8 @@ from PIL import Image
 from luciddrag.engine.discriminator import (QualityTerm, build_discriminator, discrimination_loss,
                                   encode_prompts, load_discriminator, quality_energy, read_config,
                                   save_discriminator, score_image)
-from luciddrag.engine.discriminator_train import class_weights, is_heldout, mirror_caption, roc_auc, split_of
+from luciddrag.engine.metrics import roc_auc
+from luciddrag.engine.training.train import class_weights, is_heldout, mirror_caption, split_of
 from luciddrag.engine.errors import BaseMismatchError, LucidDragError, ModelLoadError
 from luciddrag.engine.guidance import GuidanceContext
 
@@ -266,7 +267,7 @@ def test_mirror_caption_and_validation_split():
 
 def _toy_data(folder, n: int = 40):
     """Real images: a clean square; their 'low-fidelity edits': the same square under heavy noise."""
-    from luciddrag.engine.discriminator_data import SynthRecord
+    from luciddrag.engine.training.data import SynthRecord
 
     (folder / "real").mkdir(parents=True)
     (folder / "edits").mkdir()
@@ -288,8 +289,8 @@ def test_training_keeps_the_best_validation_epoch_and_mirrors_only_training_exam
     from safetensors.torch import load_file
 
     from luciddrag.engine.checkpoint import load_checkpoint
-    from luciddrag.engine.discriminator_train import TrainConfig, examples_from, train
-    from luciddrag.engine.discriminator_data import read_manifest
+    from luciddrag.engine.training.train import TrainConfig, examples_from, train
+    from luciddrag.engine.training.data import read_manifest
 
     _toy_data(tmp_path / "data")
     exs = examples_from(read_manifest(tmp_path / "data"), good_edits=False, flip=True)
@@ -309,7 +310,7 @@ def test_training_keeps_the_best_validation_epoch_and_mirrors_only_training_exam
 
 
 def test_ema_update_is_a_warmed_up_moving_average():
-    from luciddrag.engine.discriminator_train import ema_update
+    from luciddrag.engine.training.train import ema_update
 
     ema, cur = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
     ema_update(ema, cur, 0.99, step=0)  # warm-up: decay min(0.99, 1/10) = 0.1
@@ -324,7 +325,7 @@ def test_training_with_ema_saves_the_average_and_resumes_it(comps, tmp_path):
     from safetensors.torch import load_file
 
     from luciddrag.engine.checkpoint import load_checkpoint
-    from luciddrag.engine.discriminator_train import TrainConfig, train
+    from luciddrag.engine.training.train import TrainConfig, train
 
     _toy_data(tmp_path / "data")
     cfg = TrainConfig(data=tmp_path / "data", out=tmp_path / "run", epochs=2, batch=16, lr=1e-3, holdout=0.25,
@@ -344,7 +345,7 @@ def test_training_with_ema_saves_the_average_and_resumes_it(comps, tmp_path):
 
 
 def test_init_starts_from_another_discriminator_and_checks_its_pooling(comps, tmp_path):
-    from luciddrag.engine.discriminator_train import TrainConfig, init_from, train
+    from luciddrag.engine.training.train import TrainConfig, init_from, train
 
     src = build_discriminator(comps, seed=5)
     with torch.no_grad():
@@ -366,7 +367,7 @@ def test_init_starts_from_another_discriminator_and_checks_its_pooling(comps, tm
 def test_local_corruptions_damage_only_near_the_drag():
     from PIL import Image
 
-    from luciddrag.engine.discriminator_data import LOCAL_CORRUPTIONS, corrupt_locally
+    from luciddrag.engine.training.data import LOCAL_CORRUPTIONS, corrupt_locally
 
     yy, xx = np.mgrid[0:64, 0:64]
     arr = np.full((64, 64, 3), 200, np.uint8)
@@ -384,8 +385,8 @@ def test_local_corruptions_damage_only_near_the_drag():
 
 
 def test_corruption_examples_and_their_weights():
-    from luciddrag.engine.discriminator_data import SynthRecord
-    from luciddrag.engine.discriminator_train import class_kind_weights, examples_from
+    from luciddrag.engine.training.data import SynthRecord
+    from luciddrag.engine.training.train import class_kind_weights, examples_from
 
     recs = [SynthRecord(key=f"k{i}", caption="c", real=f"real/k{i}.png", edit=f"edits/k{i}.png",
                         drags=[[1, 2, 3, 4]], score=0, label="low" if i % 2 else "high") for i in range(4)]
@@ -409,9 +410,9 @@ def test_cli_synthesize_train_info_eval(tmp_path, tiny_model_dir):
     import typer
     from typer.testing import CliRunner
 
-    from luciddrag.engine import discriminator_cli
+    from luciddrag.agent.cli import discriminator as discriminator_cli
 
-    # mounted exactly as agent/cli.py mounts them (a fresh app keeps this test independent of other commands)
+    # mounted exactly as agent/cli/main.py mounts them (a fresh app keeps this test independent of other commands)
     app = typer.Typer()
     app.add_typer(discriminator_cli.app, name="discriminator")
     app.command("train-discriminator")(discriminator_cli.train_command)
@@ -521,7 +522,7 @@ def test_aesthetic_scorer_loads_laion_layout(tmp_path):
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from luciddrag.engine.discriminator_data import AestheticScorer, SourceItem
+    from luciddrag.engine.training.data import AestheticScorer, SourceItem
 
     with pytest.raises(ModelLoadError, match="aesthetic MLP weights not found"):
         AestheticScorer(tmp_path / "missing.safetensors", clip=str(tmp_path))

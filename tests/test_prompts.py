@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from luciddrag.prompts import PromptError, list_templates, load_template, parse_label, parse_template, template_fields
-from luciddrag.prompts.cli import app
+from luciddrag.agent.cli.prompts import app
 from luciddrag.tools.locator import caption_variables, locator_variables
 from luciddrag.tools.reasoner import ReasonRequest, reasoner_variables, repair_variables
 from luciddrag.evals.dragbench.gscore import gscore_variables
@@ -175,7 +175,7 @@ def test_cli_render_reasoner_shows_what_the_llm_receives(shapes_png: tuple[Path,
     shape = scene.shapes[0]
     cx, cy = shape.centroid
     result = CliRunner().invoke(app, ["render", "reason_intentions", "--image", str(path),
-                                      "--drag", f"{cx:.0f},{cy:.0f},{min(63, cx + 15):.0f},{cy:.0f}", "--k", "4"])
+                                      "--drag", f"{cx:.0f},{cy:.0f}:{min(63, cx + 15):.0f},{cy:.0f}", "--k", "4"])
     assert result.exit_code == 0, result.output
     assert "===== system =====" in result.output and "===== user =====" in result.output
     assert "Give 4 different possible intentions" in result.output
@@ -187,7 +187,7 @@ def test_cli_render_reasoner_shows_what_the_llm_receives(shapes_png: tuple[Path,
 
 def test_cli_render_with_user_start_and_caption(shapes_png: tuple[Path, Any]) -> None:
     path, _ = shapes_png
-    result = CliRunner().invoke(app, ["render", "reason_intentions", "--image", str(path), "--drag", "5,5,20,5",
+    result = CliRunner().invoke(app, ["render", "reason_intentions", "--image", str(path), "--drag", "5,5:20,5",
                                       "--start", "the tip of the nose", "--caption", "a portrait"])
     assert result.exit_code == 0, result.output
     assert "The start point is the tip of the nose." in result.output
@@ -197,8 +197,8 @@ def test_cli_render_with_user_start_and_caption(shapes_png: tuple[Path, Any]) ->
 def test_cli_render_locator_saves_the_pictures(shapes_png: tuple[Path, Any], tmp_path: Path) -> None:
     path, _ = shapes_png
     out_dir = tmp_path / "pics"
-    result = CliRunner().invoke(app, ["render", "locate_region", "--image", str(path), "--drag", "10,10,30,20",
-                                      "--drag", "40,40,50,30", "--save-images", str(out_dir)])
+    result = CliRunner().invoke(app, ["render", "locate_region", "--image", str(path), "--drag", "10,10:30,20",
+                                      "--drag", "40,40:50,30", "--save-images", str(out_dir)])
     assert result.exit_code == 0, result.output
     assert "Handle 1: at (10, 10), dragged to (30, 20)." in result.output
     assert "Handle 2: at (40, 40), dragged to (50, 30)." in result.output

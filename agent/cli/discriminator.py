@@ -1,39 +1,36 @@
-"""CLI of the fidelity discriminator, mounted by agent/cli.py:
+"""CLI of the fidelity discriminator, mounted by agent/cli/main.py:
 
 - ``luciddrag discriminator synthesize``: training data (simulated drags, editing guidance only, scored);
 - ``luciddrag discriminator eval``: held-out accuracy / ROC-AUC per timestep bucket of a trained discriminator;
 - ``luciddrag discriminator info``: a discriminator's config (base, threshold, recommended guidance);
 - ``luciddrag train-discriminator``: training (`train_command`, a plain function mounted as one command).
 
-Worlds with exact ground truth plug in by name (``--world shapesworld``): the module named in ``WORLDS`` provides
-``make(n, seed_base) -> (items, scorer, name)``; the engine itself never imports the evals package.
+Worlds with exact ground truth plug in by name (``--world shapesworld``): the module in ``WORLDS`` provides
+``make(n, seed_base) -> (items, scorer, name)``. This CLI is the top layer; the engine never imports evals.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from luciddrag.agent.cli.common import fail as _fail
 from luciddrag.engine.errors import InputError, LucidDragError
+from luciddrag.evals.shapesworld import MODEL_DIR as SHAPES_MODEL_DIR
+from luciddrag.evals.shapesworld import discriminator_data as shapes_discriminator_data
 
 app = typer.Typer(help="Quality discriminator: synthesise training data, evaluate, inspect.", no_args_is_help=True)
 
-WORLDS = {"shapesworld": "luciddrag.evals.shapesworld.discriminator_data"}
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+WORLDS = {"shapesworld": shapes_discriminator_data}
 
 
 def _world(name: str, n: int, seed_base: Optional[int]):
     if name not in WORLDS:
         raise InputError(f"unknown world {name!r}: one of {', '.join(WORLDS)}")
-    mod = importlib.import_module(WORLDS[name])
+    mod = WORLDS[name]
     return mod.make(n) if seed_base is None else mod.make(n, seed_base)
 
 
@@ -58,7 +55,7 @@ def synthesize_command(
     """Simulate drags on real images, edit with editing guidance only, score each edit, write a manifest."""
     import torch
 
-    from luciddrag.engine.discriminator_data import AestheticScorer, folder_source, read_manifest, summarize, synthesize
+    from luciddrag.engine.training.data import AestheticScorer, folder_source, read_manifest, summarize, synthesize
     from luciddrag.engine.pipeline import DragEditor
 
     if threads:
@@ -97,7 +94,7 @@ def synthesize_command(
 
 def _world_model(world: str) -> str:
     if world == "shapesworld":
-        return str(importlib.import_module("luciddrag.evals.shapesworld").MODEL_DIR)
+        return str(SHAPES_MODEL_DIR)
     raise InputError(f"no default base model for world {world!r}: pass --base")
 
 
@@ -139,7 +136,7 @@ def train_command(
     import torch
 
     from luciddrag.engine.discriminator import POOLINGS
-    from luciddrag.engine.discriminator_train import TrainConfig, train
+    from luciddrag.engine.training.train import TrainConfig, train
 
     if pooling not in POOLINGS:
         _fail(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -189,8 +186,8 @@ def eval_command(
     import torch
 
     from luciddrag.engine.discriminator import alphas_cumprod, load_discriminator, read_config
-    from luciddrag.engine.discriminator_data import DataMeta, read_manifest
-    from luciddrag.engine.discriminator_train import (caption_index, encode_examples, evaluate_buckets, examples_from,
+    from luciddrag.engine.training.data import DataMeta, read_manifest
+    from luciddrag.engine.training.train import (caption_index, encode_examples, evaluate_buckets, examples_from,
                                             format_buckets, is_heldout)
     from luciddrag.engine.loading import load_components
 
@@ -236,7 +233,7 @@ def calibrate_command(
         _fail(f"unknown world {world!r}: one of {', '.join(WORLDS)}")
     if good_from not in ("renders", "engine"):
         _fail(f"--good-from must be 'renders' or 'engine', not {good_from!r}")
-    mod = importlib.import_module(WORLDS[world])
+    mod = WORLDS[world]
     try:
         if critic_timesteps:
             from luciddrag.engine.discriminator import read_config, write_config

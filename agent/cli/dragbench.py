@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from luciddrag.agent.cli.common import quiet_libraries
 from luciddrag.engine.errors import LucidDragError
 
 
@@ -39,13 +40,12 @@ def app(
     Writes OUT/tables.md + tables.json (per category, the paper's Tab. 4/5 layout), OUT/report.html + report.png,
     and a record per sample. Rerun the same command to resume; add a metric to --metrics to compute only that.
     """
-    from luciddrag.agent.cli import _quiet_libraries
     from luciddrag.evals.dragbench.data import load_dataset
     from luciddrag.evals.dragbench.metrics import DiftConfig
     from luciddrag.evals.dragbench.report import write_tables, write_visuals
     from luciddrag.evals.dragbench.runner import RunConfig, run
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         dift = DiftConfig(ensemble=dift_ensemble, **({"model": dift_model} if dift_model else {}))
         cfg = RunConfig(data=str(data), format=fmt, method=method, results=str(results) if results else None,

@@ -14,6 +14,9 @@ from typing import List, Optional
 
 import typer
 
+from luciddrag.agent.cli import agent_eval, discriminator, dragbench, prompts, train
+from luciddrag.agent.cli.common import DRAG_HELP, fail as _fail, parse_drag, quiet_libraries as _quiet_libraries
+from luciddrag.agent.web import web_command
 from luciddrag.engine.errors import LucidDragError
 
 app = typer.Typer(
@@ -32,36 +35,6 @@ bench_app = typer.Typer(help="Benchmarks that print numbers (speed, memory).", n
 app.add_typer(bench_app, name="bench")
 eval_app = typer.Typer(help="Evaluations: the ShapesWorld drag benchmark (exact scores).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def parse_drag(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    """'HX,HY:TX,TY' -> ((hx, hy), (tx, ty))."""
-    try:
-        h, t = text.split(":")
-        hx, hy = (float(v) for v in h.split(","))
-        tx, ty = (float(v) for v in t.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not HX,HY:TX,TY (e.g. 120,80:160,60)") from None
-    return (hx, hy), (tx, ty)
-
-
-def _quiet_libraries() -> None:
-    """Library progress bars and warnings about optional speedups are noise in a CLI."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _context(model, device, steps, seed, k, attempts, locator, reasoner, **kw):
@@ -109,7 +82,7 @@ def _run_agent(image, points, mask, prompt, intention, ctx, out: Path) -> dict:
 @app.command()
 def edit(
     image: Path = typer.Argument(..., help="Image to edit (PNG/JPEG/WebP/..., any size, any mode)."),
-    drag: List[str] = typer.Option(..., "--drag", "-d", help="HX,HY:TX,TY in the image's pixels; repeat for several."),
+    drag: List[str] = typer.Option(..., "--drag", "-d", help=DRAG_HELP),
     mask: Optional[Path] = typer.Option(None, help="Editable region (white = may change), same size as the image."),
     prompt: Optional[str] = typer.Option(None, help="What the image shows (else: captioned by the locator)."),
     intention: Optional[str] = typer.Option(None, help="What you mean ('make the neck longer'); else reasoned."),
@@ -305,44 +278,14 @@ def eval_shapes(
         _fail(str(exc))
 
 
-def _mount_optional() -> None:
-    """Commands owned by other modules, mounted here so `luciddrag --help` lists them all.
-
-    Each owner exposes a typer app; a missing module (a partial checkout) just leaves its command out.
-    """
-    import importlib
-
-    from luciddrag.evals.shapesworld.cli import app as shapes_train_app
-
-    app.add_typer(shapes_train_app, name="train")
-    mounts = [
-        ("luciddrag.prompts.cli", "app", app, "prompts"),               # prompt templates: list, render, diff
-        ("luciddrag.engine.discriminator_cli", "app", app, "discriminator"),  # quality discriminator: synthesize, eval, ...
-        ("luciddrag.engine.discriminator_cli", "train_command", app, "train-discriminator"),
-        ("luciddrag.evals.dragbench.cli", "app", eval_app, "dragbench"),  # DragBench / Drag100 protocol
-        ("luciddrag.evals.agent.cli", "app", eval_app, "agent"),          # offline agent evals with cassettes
-    ]
-    for module, attr, parent, name in mounts:
-        try:
-            sub = getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue  # that part is not in this checkout
-            raise
-        if isinstance(sub, typer.Typer):
-            parent.add_typer(sub, name=name)
-        else:  # a single command function
-            parent.command(name)(sub)
-    try:
-        from luciddrag.agent.web import web_command
-    except ModuleNotFoundError as exc:
-        if not (exc.name and "luciddrag.agent.web".startswith(exc.name)):
-            raise
-    else:
-        app.command("web")(web_command)
-
-
-_mount_optional()
+# Commands owned by the sibling modules of this package, mounted so `luciddrag --help` lists them all.
+app.add_typer(train.app, name="train")                        # ShapesWorld model training
+app.add_typer(prompts.app, name="prompts")                    # prompt templates: list, show, render
+app.add_typer(discriminator.app, name="discriminator")        # quality discriminator: synthesize, eval, calibrate
+app.command("train-discriminator")(discriminator.train_command)
+app.command("web")(web_command)                               # the click-to-drag web app
+eval_app.command("dragbench")(dragbench.app)                  # DragBench / Drag100 protocol
+eval_app.command("agent")(agent_eval.app)                     # offline agent evals with cassettes
 
 
 def main() -> None:

@@ -15,18 +15,12 @@ from typing import Annotated, Any
 
 import typer
 
+from luciddrag.agent.cli.common import DRAG_HELP, parse_drag
 from luciddrag.engine.errors import InputError
 from luciddrag.prompts import PromptError, list_templates, load_template, parse_label
 
 app = typer.Typer(help="Prompt templates: list them, show one, render one for an image and drag (no LLM call).",
                   no_args_is_help=True, add_completion=False)
-
-
-def _parse_drag(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    numbers = [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]
-    if len(numbers) != 4:
-        raise typer.BadParameter(f"--drag takes 'x0,y0,x1,y1' (handle then target); got {text!r}")
-    return (numbers[0], numbers[1]), (numbers[2], numbers[3])
 
 
 def _parse_vars(items: list[str]) -> dict[str, str]:
@@ -73,9 +67,9 @@ def _drag_inputs(image: Path | None, drags: list[str]) -> tuple[Any, Any]:
     from luciddrag.tools.schemas import DragPoints
 
     if image is None or not drags:
-        raise typer.BadParameter("this template needs --image and at least one --drag x0,y0,x1,y1")
+        raise typer.BadParameter("this template needs --image and at least one --drag HX,HY:TX,TY")
     img = load_image(image)
-    points = DragPoints.from_pairs([_parse_drag(d) for d in drags])
+    points = DragPoints.from_pairs([parse_drag(d) for d in drags])
     points.check_inside(*img.size)
     return img, points
 
@@ -84,7 +78,7 @@ def _drag_inputs(image: Path | None, drags: list[str]) -> tuple[Any, Any]:
 def render_command(
     template: Annotated[str, typer.Argument(help="NAME (latest version) or NAME.vN")],
     image: Annotated[Path | None, typer.Option(help="Input image.")] = None,
-    drag: Annotated[list[str], typer.Option(help="Drag 'x0,y0,x1,y1' (handle, target); repeat for more.")] = [],  # noqa: B006
+    drag: Annotated[list[str], typer.Option(help=DRAG_HELP)] = [],  # noqa: B006
     caption: Annotated[str | None, typer.Option(help="Image description c (default: from the image).")] = None,
     start: Annotated[list[str], typer.Option(help="Start-point description per drag (skips the locator).")] = [],  # noqa: B006
     locator: Annotated[str, typer.Option(help="Locator backend for start-point descriptions.")] = "offline",

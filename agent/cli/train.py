@@ -1,7 +1,6 @@
 """``luciddrag train shapesworld``: the ShapesWorld commands, as a typer app the main CLI mounts.
 
-The main CLI does ``app.add_typer(shapesworld_cli.app, name="train")`` (or similar), giving
-``luciddrag train shapesworld [--out DIR] [--minutes N] [--seed S] [--resume]``.
+Mounted by agent/cli/main.py as ``luciddrag train shapesworld [--out DIR] [--minutes N] [--seed S] [--resume]``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training the fidelity discriminator (paper §4.1: Adam, lr 1e-4, 100 epochs, batch 128).
 
-Examples come from a data folder written by `engine.discriminator_data.synthesize`: real images (label 1), edits
+Examples come from a data folder written by `luciddrag.engine.training.data.synthesize`: real images (label 1), edits
 scoring below the scorer's threshold (label 0), and optionally
 - VAE round-trips of the real images (label 1, on by default): every edit has been through the VAE decoder, so
   without decoded positives the decoder's signature alone would separate the classes (a shortcut unrelated to
@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 from luciddrag.engine.checkpoint import atomic_save, load_checkpoint as read_checkpoint
 from luciddrag.engine.discriminator import (Discriminator, build_discriminator, discrimination_loss, encode_prompts,
                                   alphas_cumprod, image_to_latents, noisy, save_discriminator)
-from luciddrag.engine.discriminator_data import DataMeta, SynthRecord, read_manifest
+from luciddrag.engine.training.data import DataMeta, SynthRecord, read_manifest
 from luciddrag.engine.errors import InputError
+from luciddrag.engine.metrics import roc_auc, roc_curve
 
 DEFAULT_BUCKETS = (0, 250, 500, 750, 1000)
 
@@ -120,35 +121,6 @@ def mirror_caption(caption: str) -> str:
     return re.sub(r"\b(left|right|Left|Right|LEFT|RIGHT)\b", lambda m: _MIRRORED[m.group(1)], caption)
 
 
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties count half
-    (Mann-Whitney U from average ranks). NaN when a class is missing."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) over all thresholds, from the highest score down."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(-np.asarray(scores), kind="mergesort")
-    tp = np.concatenate([[0], np.cumsum(labels[order])])
-    fp = np.concatenate([[0], np.cumsum(~labels[order])])
-    return fp / max(fp[-1], 1), tp / max(tp[-1], 1)
-
-
 def class_weights(labels: torch.Tensor) -> torch.Tensor:
     """Per-sample weights giving both classes equal total weight."""
     pos = labels.float().mean().clamp(1e-6, 1 - 1e-6)
@@ -222,7 +194,7 @@ def load_example_image(data: Path, e: Example) -> Image.Image:
     """The example's image, corrupted as the example says."""
     im = Image.open(data / e.path).convert("RGB")
     if e.corrupt_seed is not None:
-        from luciddrag.engine.discriminator_data import corrupt_locally
+        from luciddrag.engine.training.data import corrupt_locally
 
         im, _ = corrupt_locally(im, e.drag, np.random.default_rng(e.corrupt_seed), at=e.corrupt_at)
     if e.flipped:

@@ -117,7 +117,7 @@ def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block:
 
 
 def _auc(pos, neg) -> float:
-    from luciddrag.engine.discriminator_train import roc_auc
+    from luciddrag.engine.metrics import roc_auc
 
     return roc_auc(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))])
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from luciddrag.engine.discriminator_data import SourceItem
+from luciddrag.engine.training.data import SourceItem
 from luciddrag.evals.shapesworld import world
 from luciddrag.evals.shapesworld.scoring import GHOST_THRESHOLD, TaskScore, score_task
 from luciddrag.evals.shapesworld.tasks import DragTask, generate_tasks
@@ -328,6 +328,6 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from luciddrag.engine.discriminator_train import roc_auc
+    from luciddrag.engine.metrics import roc_auc
 
     return roc_auc(scores, labels)
