@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from luciddrag.engine.discriminator import Motion
 from luciddrag.engine.loading import DEFAULT_MODEL
+from luciddrag.engine.presets import recommended_settings
 from luciddrag.engine.request import GuidanceConfig
 from luciddrag.tools.llm import LLMSettings
 
@@ -70,24 +71,16 @@ class AgentContext:
     show_progress: bool = False
 
 
-MODEL_SETTINGS_FILE = "luciddrag.json"
 _CONTEXT_KEYS = {"guidance_scale", "steps", "accept_md_fraction", "critic_search", "critic_timestep", "critic_block",
                  "critic_ensemble", "min_quality", "w_quality", "quality_steps", "quality_motions",
                  "handle_regions"}
 
 
 def model_defaults(model: str | os.PathLike | None) -> dict[str, Any]:
-    """AgentContext overrides recommended for a model folder (its `luciddrag.json`), e.g. the ShapesWorld model's
-    measured CFG scale, guidance weights and critic calibration. Hub ids and folders without the file give {}."""
-    import json
-    from pathlib import Path
-
-    if not model:
-        return {}
-    path = Path(model) / MODEL_SETTINGS_FILE
-    if not path.is_file():
-        return {}
-    raw = json.loads(path.read_text())
+    """AgentContext overrides recommended for a model: its family's preset (SD 1.x / 2.x, shipped with the engine)
+    with the model folder's own `luciddrag.json` on top (e.g. the ShapesWorld model's measured CFG scale, guidance
+    weights and critic calibration). Anything else gives {}. See luciddrag.engine.presets."""
+    raw = recommended_settings(model)
     out: dict[str, Any] = {k: v for k, v in raw.items() if k in _CONTEXT_KEYS}
     if "guidance" in raw:
         out["guidance"] = GuidanceConfig(**raw["guidance"])
