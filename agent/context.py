@@ -7,7 +7,7 @@ LUCIDDRAG_DEVICE, LUCIDDRAG_HOME (artifacts, checkpoints), OPENAI_API_KEY / OPEN
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from luciddrag.engine.discriminator import Motion
@@ -31,6 +31,7 @@ class AgentContext:
     guidance_scale: float = 5.0
     seed: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    fast: bool = False  # fast mode: at most 25 sampling steps, guidance schedule scaled to them (EditRequest.fast)
     handle_regions: Literal["auto", "always", "never"] = "auto"
     """Drag the locator's whole object region ('auto': translated for intentions that move an object, scaled for
     size changes, a patch around the point for other deformations such as 'raise the head')."""
@@ -85,3 +86,24 @@ def model_defaults(model: str | os.PathLike | None) -> dict[str, Any]:
     if "guidance" in raw:
         out["guidance"] = GuidanceConfig(**raw["guidance"])
     return out
+
+
+def default_context() -> AgentContext:
+    """The context of a run invoked without one (`graph.invoke({"image": ..., "points": [...]})`, `langgraph dev`):
+    the environment's model (LUCIDDRAG_MODEL, ...) with its recommended settings (`model_defaults`), as the CLI does."""
+    ctx = AgentContext()
+    return replace(ctx, **model_defaults(ctx.model))
+
+
+def resolve_context(value: Any) -> AgentContext:
+    """The run's context from whatever LangGraph hands a node: an AgentContext, a dict of its fields (a server's
+    JSON), or None (no context given: `default_context()`)."""
+    if value is None:
+        return default_context()
+    if isinstance(value, AgentContext):
+        if isinstance(value.guidance, dict):  # a server's JSON coerced by LangGraph: nested fields stay dicts
+            return replace(value, guidance=GuidanceConfig(**value.guidance))
+        return value
+    if isinstance(value, dict):
+        return resolve_context(replace(default_context(), **value))
+    raise TypeError(f"context must be an AgentContext or a dict of its fields, not {type(value).__name__}")

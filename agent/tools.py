@@ -16,8 +16,8 @@ from PIL import Image
 
 from luciddrag.agent.artifacts import ArtifactStore, ImageRef
 from luciddrag.agent.context import AgentContext
-from luciddrag.engine.pipeline import DragEditor, EditResult, StepEvent
-from luciddrag.engine.request import EditRequest
+from luciddrag.engine.pipeline import DragEditor, EditResult, StepEvent, quality_guidance_terms
+from luciddrag.engine.request import EditRequest, QualityGuidance
 from luciddrag.engine.tracking import track_points
 from luciddrag.tools.schemas import DragPoints, Intention
 
@@ -46,28 +46,32 @@ def sample_intentions(ctx: AgentContext, image: Image.Image, drags: DragPoints, 
     """The sampler: one edit per intention, all in one batch from one inversion per distinct source prompt.
 
     `regions`: per drag, the object mask that follows the handle (or None: a patch around the point), translated or
-    scaled as `motion` says ("translate" / "scale"; None: a patch drag, which has no region)."""
+    scaled as `motion` says ("translate" / "scale"; None: a patch drag, which has no region). Which guidance terms
+    apply (quality guidance for this kind of drag or not) is the engine's decision."""
     editor = get_editor(ctx)
     editor.show_progress = ctx.show_progress
     req = EditRequest.create(image=image, points=flat_points(drags), mask=mask, steps=ctx.steps,
                              handle_masks=list(regions) if regions is not None else None,
-                             region_motion=motion or "translate",
-                             guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance)
+                             region_motion=motion or "translate", fast=ctx.fast,
+                             guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance,
+                             quality=quality_request(ctx))
     pairs = [(i.source_prompt, i.target_prompt) for i in intentions]
-    terms = quality_terms_for(ctx, editor, motion or "patch")
     with _lock:  # one edit at a time per loaded model: the memory bank lives on the UNet's processors
-        return editor.edit(req, intentions=pairs, extra_terms=terms, callback=progress)
+        return editor.edit(req, intentions=pairs, callback=progress)
+
+
+def quality_request(ctx: AgentContext) -> QualityGuidance | None:
+    """The context's discriminator choice, handed to the engine (which applies it per kind of drag)."""
+    if not ctx.discriminator:
+        return None
+    return QualityGuidance(discriminator=ctx.discriminator, weight=ctx.w_quality, steps=ctx.quality_steps,
+                           motions=ctx.quality_motions)
 
 
 def quality_terms_for(ctx: AgentContext, editor: DragEditor, motion: str | None = None) -> list:
-    """Quality guidance (the discriminator as a guidance term) when a discriminator is configured and recommends it
-    (or `ctx.quality_motions` asks for it) for this kind of drag (`motion`: translate / scale / patch)."""
-    if not ctx.discriminator or ctx.w_quality == 0:
-        return []
-    from luciddrag.engine.discriminator import load_discriminator, quality_terms
-
-    return quality_terms(load_discriminator(ctx.discriminator, editor.c), ctx.w_quality, ctx.quality_steps,
-                         motion=motion, motions=ctx.quality_motions)
+    """The quality terms the engine adds for this context and kind of drag (translate / scale / patch; None: any)."""
+    quality = quality_request(ctx)
+    return [] if quality is None else quality_guidance_terms(quality, editor.c, motion)
 
 
 def score_drag(ctx: AgentContext, original: Image.Image, edited: Image.Image, drags: DragPoints,

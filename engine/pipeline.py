@@ -21,23 +21,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from luciddrag.engine.energies import drag_scale, patch_offsets, region_offsets, scale_about
+from luciddrag.engine.discriminator import load_discriminator, quality_terms
 from luciddrag.engine.errors import InputError, ResourceError
 from luciddrag.engine.features import FeatureTap
-from luciddrag.engine.guidance import Geometry, GuidanceContext, GuidanceTerm, editing_terms
+from luciddrag.engine.guidance import Geometry, GuidanceTerm, editing_terms
 from luciddrag.engine.loading import Components, load_components
 from luciddrag.engine.memory import AttentionControl, MemoryBank, install_memory, uninstall_memory
 from luciddrag.engine.preprocess import Prepared, pil_to_tensor_array, prepare, restore, tensor_array_to_pil
-from luciddrag.engine.request import EditRequest
-
-
-@dataclass
-class StepEvent:
-    """Progress report for callbacks (the agent streams these)."""
-
-    phase: str  # "invert" | "sample"
-    step: int
-    total: int
-    energies: dict[str, list[float]] = field(default_factory=dict)
+from luciddrag.engine.request import FAST_STEPS, EditRequest, GuidanceConfig, QualityGuidance
+from luciddrag.engine.sampling import (SamplingPlan, StepEvent, UNetCall, collaborative_guidance_sample,
+                                       to_epsilon)
 
 
 @dataclass
@@ -55,17 +48,6 @@ class EditResult:
 
 
 # -- small pure helpers -------------------------------------------------------------------------------------------
-
-def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
-    """Express any UNet parameterisation as a noise prediction, so guidance is always added to epsilon."""
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "v_prediction":
-        return math.sqrt(alpha_bar) * model_output + math.sqrt(1 - alpha_bar) * sample
-    if prediction_type == "sample":
-        return (sample - math.sqrt(alpha_bar) * model_output) / math.sqrt(1 - alpha_bar)
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-
 
 ALPHA_BAR_FLOOR = 1e-6
 
@@ -194,6 +176,46 @@ def copy_patches(latents: torch.Tensor, handles: torch.Tensor, targets: torch.Te
     return out
 
 
+def scale_schedule(cfg: GuidanceConfig, from_steps: int, to_steps: int) -> GuidanceConfig:
+    """The guidance schedule (edit_steps, kv_start_step) moved from `from_steps` to `to_steps` sampling steps, in
+    proportion (half up), so a shorter run guides the same fraction of the trajectory."""
+    def scaled(n: int) -> int:
+        return int(math.floor(n * to_steps / from_steps + 0.5))
+    return cfg.model_copy(update={"edit_steps": scaled(cfg.edit_steps), "kv_start_step": scaled(cfg.kv_start_step)})
+
+
+def request_schedule(request: EditRequest) -> tuple[int, GuidanceConfig]:
+    """Sampling steps and guidance config of a request: as given, or the fast preset's."""
+    if not request.fast or request.steps <= FAST_STEPS:
+        return request.steps, request.guidance
+    return FAST_STEPS, scale_schedule(request.guidance, request.steps, FAST_STEPS)
+
+
+def drag_kind(request: EditRequest) -> str:
+    """The kind of drag, as quality guidance is recommended per kind: an object region translated or scaled, or a
+    patch around the point (no region)."""
+    has_region = bool(request.handle_masks) and any(m is not None for m in request.handle_masks)
+    return request.region_motion if has_region else "patch"
+
+
+def guidance_terms(request: EditRequest, cfg: GuidanceConfig, components: Components,
+                   extra_terms: Sequence[GuidanceTerm] = ()) -> list[GuidanceTerm]:
+    """The terms of one edit: editing guidance (paper Eq. 11), then quality guidance (Eq. 8) when the request names a
+    discriminator and it applies to this kind of drag, then any caller-supplied terms."""
+    terms: list[GuidanceTerm] = [*editing_terms(cfg.w_edit, cfg.w_inpaint, cfg.w_content, cfg.edit_steps)]
+    if request.quality is not None:
+        terms += quality_guidance_terms(request.quality, components, drag_kind(request))
+    return [*terms, *extra_terms]
+
+
+def quality_guidance_terms(quality: QualityGuidance, components: Components, kind: str | None) -> list[GuidanceTerm]:
+    """[the discriminator's term] when quality guidance applies to this kind of drag (None: any kind), else []."""
+    if quality.weight == 0:
+        return []
+    return quality_terms(load_discriminator(quality.discriminator, components), quality.weight, quality.steps,
+                         motion=kind, motions=quality.motions)
+
+
 def _is_oom(exc: BaseException) -> bool:
     msg = str(exc).lower()
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg or "can't allocate" in msg
@@ -234,7 +256,8 @@ class DragEditor:
 
     # implementation -------------------------------------------------------------------------------------------
     def _edit(self, request: EditRequest, intentions, extra_terms, callback) -> EditResult:
-        c, cfg = self.c, request.guidance
+        c = self.c
+        steps, cfg = request_schedule(request)
         t_start = time.perf_counter()
         pairs = list(intentions) if intentions else [(request.source_prompt, request.target_prompt)]
         if not pairs:
@@ -260,21 +283,20 @@ class DragEditor:
         sched_cfg = {**c.scheduler_config, "prediction_type": "epsilon", "clip_sample": False}
         scheduler = DDIMScheduler.from_config(sched_cfg)
         inverse = DDIMInverseScheduler.from_config(sched_cfg)
-        scheduler.set_timesteps(request.steps, device=c.device)
-        inverse.set_timesteps(request.steps, device=c.device)
+        scheduler.set_timesteps(steps, device=c.device)
+        inverse.set_timesteps(steps, device=c.device)
         for s in (scheduler, inverse):
             s.alphas_cumprod = floor_alpha_bar(s.alphas_cumprod)
         timesteps = [int(t) for t in scheduler.timesteps]
         alphas = scheduler.alphas_cumprod
 
-        terms: list[GuidanceTerm] = [
-            *editing_terms(cfg.w_edit, cfg.w_inpaint, cfg.w_content, cfg.edit_steps), *extra_terms
-        ]
-        guided_ts = {t for i, t in enumerate(timesteps) if any(term.active(i, request.steps) for term in terms)}
+        # the engine decides which guidance terms apply: editing guidance, and quality guidance when asked for
+        terms = guidance_terms(request, cfg, c, extra_terms)
+        guided_ts = {t for i, t in enumerate(timesteps) if any(term.active(i, steps) for term in terms)}
         kv_ts = {t for i, t in enumerate(timesteps) if i >= cfg.kv_start_step} if cfg.kv_injection else set()
 
         control = AttentionControl(bank=MemoryBank(), kv_mode=cfg.kv_mode, record_timesteps=kv_ts)
-        counter = {"forward": 0, "backward": 0}
+        counter = {"forward": 0}
         count_hook = c.unet.register_forward_pre_hook(lambda *_: counter.__setitem__("forward", counter["forward"] + 1))
         install_memory(c.unet, control)
         tap = FeatureTap(c.unet, cfg.feature_blocks)
@@ -299,13 +321,18 @@ class DragEditor:
                                        regions=prep.handle_masks, vacate=cfg.vacate_noise, generator=gen,
                                        scales=scales)
 
-            # 6. sample with the target prompt(s)
-            t0 = time.perf_counter()
-            latents, diagnostics = self._sample(
-                latents, tgt_emb, null_emb, rows, scheduler, timesteps, alphas, pred_type, request, terms,
-                geometry, ref_feats, control, tap, kv_ts, counter, callback,
-                [z.index_select(0, rows) for z in trajectory] if cfg.blend_outside else None,
+            # 6. sample with the target prompt(s): Algorithm 1
+            plan = SamplingPlan(
+                timesteps=tuple(timesteps), scheduler=scheduler, alphas_cumprod=alphas, prediction_type=pred_type,
+                text_embeddings=tgt_emb, null_embeddings=null_emb, guidance_scale=request.guidance_scale, rows=rows,
+                ref_features=ref_feats, kv_timesteps=frozenset(kv_ts), geometry=geometry,
+                edit_mask=F.adaptive_max_pool2d(geometry.editable[None, None], latents.shape[-2:])[0, 0],
+                trajectory=tuple(z.index_select(0, rows) for z in trajectory) if cfg.blend_outside else None,
             )
+            t0 = time.perf_counter()
+            out = collaborative_guidance_sample(self._unet_call(control, tap, rows), latents, plan, terms, callback,
+                                                progress=self.show_progress)
+            latents, diagnostics = out.latents, out.diagnostics
             t_sample = time.perf_counter() - t0
             bank_bytes = control.bank.nbytes()
         finally:
@@ -319,7 +346,7 @@ class DragEditor:
         images = [restore(im, prep) for im in working]
         stats = {
             "invert_s": t_invert, "sample_s": t_sample, "total_s": time.perf_counter() - t_start,
-            "unet_forward": counter["forward"], "unet_backward": counter["backward"],
+            "unet_forward": counter["forward"], "unet_backward": out.backward_passes, "steps": steps,
             "memory_bank_mb": bank_bytes / 2**20, "working_size": prep.working_size,
             "intentions": len(pairs), "inversions": len(sources),
         }
@@ -399,6 +426,16 @@ class DragEditor:
         control.rows = rows
         return self.c.unet(latents, t, encoder_hidden_states=emb).sample
 
+    def _unet_call(self, control: AttentionControl, tap: FeatureTap, rows: torch.Tensor) -> UNetCall:
+        """The sampler's view of the UNet: K/V mode per call, decoder features captured on request."""
+        def call(latents, t, emb, kv, capture=False):
+            if not capture:
+                return self._unet(latents, t, emb, control, kv, rows), {}
+            with tap.capture() as feats:
+                out = self._unet(latents, t, emb, control, kv, rows)
+            return out, feats
+        return call
+
     @torch.no_grad()
     def _invert(self, z0, src_emb, inverse, alphas, pred_type, control, tap, guided_ts, kv_ts, callback):
         latents = z0
@@ -421,75 +458,3 @@ class DragEditor:
             if callback:
                 callback(StepEvent("invert", i + 1, len(ts)))
         return ref_feats, trajectory
-
-    def _sample(self, latents, tgt_emb, null_emb, rows, scheduler, timesteps, alphas, pred_type, request, terms,
-                geometry, ref_feats, control, tap, kv_ts, counter, callback, trajectory=None):
-        g_scale = request.guidance_scale
-        diagnostics: list[dict] = []
-        n = len(timesteps)
-        edit_mask = F.adaptive_max_pool2d(geometry.editable[None, None], latents.shape[-2:])[0, 0]
-        for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not self.show_progress, leave=False)):
-            mode = "inject" if t in kv_ts else "off"
-            a_t = float(alphas[t])
-            active = [term for term in terms if term.active(i, n)]
-            record: dict = {"step": i, "timestep": t}
-            grad = None
-            if active and t in ref_feats:
-                with torch.enable_grad():
-                    x = latents.detach().requires_grad_(True)
-                    with tap.capture() as feats:
-                        eps_c = self._unet(x, t, tgt_emb, control, mode, rows)
-                    ref = {b: f.index_select(0, rows) for b, f in ref_feats[t].items()}
-                    ctx = GuidanceContext(i, n, t, a_t, x, feats, ref, tgt_emb, geometry)
-                    grad, energies = self._guidance_grad(active, ctx, edit_mask, counter)
-                record.update(energies)
-                eps_c = eps_c.detach()
-            else:
-                with torch.no_grad():
-                    eps_c = self._unet(latents, t, tgt_emb, control, mode, rows)
-            with torch.no_grad():
-                # CFG, guidance and the DDIM step in fp32 whatever the UNet's dtype: near zero terminal SNR the step
-                # divides by sqrt(alpha_bar) ~ 1e-3, and fp16 rounding of eps would be amplified 1000x
-                x32 = latents.float()
-                eps_c = to_epsilon(eps_c.float(), x32, a_t, pred_type)
-                eps = eps_c
-                if g_scale != 1.0:  # at scale 1 CFG is the conditional prediction: skip the unconditional pass
-                    eps_u = to_epsilon(self._unet(latents, t, null_emb, control, mode, rows).float(), x32, a_t,
-                                       pred_type)
-                    eps = eps_u + g_scale * (eps_c - eps_u)
-                if grad is not None:
-                    # classifier guidance on epsilon (paper Eq. 16): eps + sqrt(1 - alpha_bar) * grad E
-                    eps = eps + math.sqrt(1.0 - a_t) * grad.float()
-                latents = scheduler.step(eps, t, x32).prev_sample.to(latents.dtype)
-                if trajectory is not None:
-                    # outside the editable region, follow the inversion's own path back to the input: the rest of
-                    # the image stays put exactly (up to the VAE), whatever guidance did near it
-                    keep = trajectory[n - 1 - i]
-                    latents = torch.where(edit_mask.bool()[None, None], latents, keep.to(latents.dtype))
-            diagnostics.append(record)
-            if callback:
-                callback(StepEvent("sample", i + 1, n, {k: v for k, v in record.items() if isinstance(v, list)}))
-        return latents, diagnostics
-
-    def _guidance_grad(self, terms: list[GuidanceTerm], ctx: GuidanceContext, edit_mask: torch.Tensor, counter):
-        """Sum of term gradients, each masked to its region; one backward pass per region used."""
-        by_region: dict[str, list[torch.Tensor]] = {}
-        energies: dict[str, list[float]] = {}
-        for term in terms:
-            e = term.energy(ctx)
-            energies[term.name] = [float(v) for v in e.detach().float().cpu()]
-            by_region.setdefault(term.region, []).append(e.sum())
-        regions = list(by_region)
-        total = torch.zeros_like(ctx.latents)
-        for k, region in enumerate(regions):
-            g, = torch.autograd.grad(torch.stack(by_region[region]).sum(), ctx.latents,
-                                     retain_graph=k < len(regions) - 1, allow_unused=True)
-            counter["backward"] += 1
-            if g is None:
-                continue
-            if region == "edit":
-                g = g * edit_mask
-            elif region == "content":
-                g = g * (1.0 - edit_mask)
-            total = total + g
-        return total.detach(), energies

@@ -79,6 +79,23 @@ class GuidanceConfig(BaseModel):
     auto_mask_min: float = Field(0.1, ge=0, description="... and at least this fraction of the image's short side.")
 
 
+FAST_STEPS = 25  # the fast preset's sampling steps; the guidance schedule is scaled to it
+
+
+class QualityGuidance(BaseModel):
+    """Quality guidance (the paper's discriminator term): which discriminator, and overrides of what it recommends.
+    The engine decides whether it applies to an edit (by the kind of drag: the discriminator's `quality_motions`, or
+    `motions` here)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    discriminator: str = Field(description="Folder of a trained discriminator (`luciddrag train-discriminator`).")
+    weight: float | None = Field(None, ge=0, description="w_q; None: the discriminator's recommendation; 0: off.")
+    steps: int | None = Field(None, ge=0, description="n2: quality guidance on the first n2 sampling steps.")
+    motions: tuple[Literal["translate", "scale", "patch"], ...] | None = Field(
+        None, description="Kinds of drag guided by it; None: the discriminator's recommendation.")
+
+
 class EditRequest(BaseModel):
     """One drag edit. `target_prompts` lets the agent sample several intentions from one inversion."""
 
@@ -99,6 +116,9 @@ class EditRequest(BaseModel):
     steps: int = Field(50, ge=2, le=1000)
     guidance_scale: float = Field(5.0, ge=1.0, le=30.0)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    quality: QualityGuidance | None = Field(None, description="Quality guidance, when a discriminator is chosen.")
+    fast: bool = Field(False, description=f"Fast mode: at most {FAST_STEPS} sampling steps, with the guidance "
+                                          "schedule (edit_steps, kv_start_step) scaled from `steps` to them.")
 
     @classmethod
     def create(cls, **kwargs: Any) -> "EditRequest":

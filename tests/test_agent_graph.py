@@ -191,21 +191,30 @@ def test_move_intentions_drag_the_located_object_region():
 
 
 def test_sampler_asks_for_quality_guidance_by_kind_of_drag(monkeypatch):
-    """A patch drag (no object region) asks for the 'patch' kind, not 'translate', though its request translates."""
+    """The agent hands the engine its discriminator choice; the engine reads the kind of drag from the request: a
+    patch drag (no object region) is 'patch', not 'translate', though its request translates."""
     from types import SimpleNamespace
 
+    import numpy as np
+
     import luciddrag.agent.tools as tools
+    from luciddrag.engine.pipeline import drag_kind
+    from luciddrag.engine.request import QualityGuidance
     from luciddrag.tools.schemas import DragPoints, Intention
 
-    asked, sent = [], []
+    sent = []
     editor = SimpleNamespace(show_progress=False, edit=lambda req, **kw: sent.append((req, kw)) or "done")
     monkeypatch.setattr(tools, "get_editor", lambda ctx: editor)
-    monkeypatch.setattr(tools, "quality_terms_for", lambda ctx, ed, motion=None: asked.append(motion) or ["q"])
     image = Image.new("RGB", (32, 32))
+    region = np.zeros((32, 32), bool)
+    region[4:12, 4:12] = True
     drags = DragPoints.from_flat([(8, 8), (20, 8)])
     its = [Intention(intention="raise it", source_prompt="a", target_prompt="b", confidence=1.0)]
+    ctx = AgentContext(discriminator="disc", w_quality=3.0)
     for motion in (None, "translate", "scale"):
-        assert tools.sample_intentions(AgentContext(), image, drags, None, its, motion=motion) == "done"
-    assert asked == ["patch", "translate", "scale"]
+        regions = None if motion is None else [region]
+        assert tools.sample_intentions(ctx, image, drags, None, its, regions=regions, motion=motion) == "done"
+    assert [drag_kind(req) for req, _ in sent] == ["patch", "translate", "scale"]
     assert [req.region_motion for req, _ in sent] == ["translate", "translate", "scale"]
-    assert all(kw["extra_terms"] == ["q"] for _, kw in sent)
+    assert all(req.quality == QualityGuidance(discriminator="disc", weight=3.0) for req, _ in sent)
+    assert all("extra_terms" not in kw for _, kw in sent)

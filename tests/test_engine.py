@@ -96,7 +96,10 @@ def test_guidance_counts_and_diagnostics(tiny_editor):
     res = tiny_editor.edit(_req(steps=10, guidance=GuidanceConfig(edit_steps=4)))
     guided = [d for d in res.diagnostics if "drag" in d]
     assert len(guided) == 4 and all(len(d["drag"]) == 1 for d in guided)
-    # inversion 10 + sampling 10x(cond + uncond); two regions (edit, content) -> two backward passes per guided step
+    # inversion 10 + sampling 10x(cond + uncond); with the outside blend the content gradient is overwritten, so one
+    # backward per guided step; without it the two regions (edit, content) need two
+    assert res.stats["unet_forward"] == 30 and res.stats["unet_backward"] == 4
+    res = tiny_editor.edit(_req(steps=10, guidance=GuidanceConfig(edit_steps=4, blend_outside=False)))
     assert res.stats["unet_forward"] == 30 and res.stats["unet_backward"] == 8
 
 
