@@ -11,6 +11,7 @@ import openai
 import pytest
 from langchain_core.messages import AIMessage
 
+from luciddrag.evals.shapesworld.plugin import edit_shapes_caption
 from luciddrag.evals.shapesworld.world import position_phrase, render_scene
 from tests.fakes import ScriptedChatModel
 from luciddrag.tools.locator import OfflineLocator
@@ -20,7 +21,6 @@ from luciddrag.tools.reasoner import (
     clean_intentions,
     direction_word,
     drag_geometry,
-    edit_shapes_caption,
     format_drag_information,
     normalise_confidences,
     offline_reason,
@@ -165,13 +165,29 @@ def test_generic_face_part_proposes_looking_in_the_drag_direction() -> None:
                                                         "a photo of a raccoon, looking right")
 
 
-def test_generic_region_without_semantics_still_gives_k_distinct_intentions() -> None:
+def test_generic_region_without_semantics_keeps_the_prompts_identical() -> None:
+    """On a photo where nothing names the dragged thing, the reasoner does not invent a whole-image change ("a
+    landscape" -> "a landscape, larger"): both prompts are the caption and the drag alone carries the edit. With no
+    object mask every reading would then steer identically (a patch drag), so one intention is left."""
     drags = DragPoints.from_flat([[100, 100], [100, 40]])
     result = offline_reason(ReasonRequest(drags=drags, located=_located("the region around (100, 100)", (100, 100)),
                                           caption="a landscape", k=3))
+    assert [i.intention for i in result.intentions] == ["move the region around (100, 100) up"]
+    assert all(i.source_prompt == i.target_prompt == "a landscape" for i in result.intentions)
+
+
+def test_unnamed_object_with_a_segmenter_mask_keeps_distinct_readings_with_identical_prompts() -> None:
+    """A SAM mask without a name: prompts stay identical, but moving vs resizing that mask differ, so the readings
+    are all kept (most likely first)."""
+    mask = np.zeros((200, 200), bool)
+    mask[80:120, 80:120] = True
+    region = Region(box=(80, 80, 120, 120), source="sam", area=int(mask.sum()), mask_rle=mask_to_rle(mask))
+    drags = DragPoints.from_flat([[100, 100], [100, 40]])
+    located = _located("the region around (100, 100)", (100, 100), region, (200, 200))
+    result = offline_reason(ReasonRequest(drags=drags, located=located, caption="a photo.", k=3))
     assert len(result.intentions) == 3
     assert result.intentions[0].intention == "move the region around (100, 100) up"
-    assert len({(i.source_prompt, i.target_prompt) for i in result.intentions}) == 3
+    assert all(i.source_prompt == i.target_prompt == "a photo" for i in result.intentions)
 
 
 def test_generic_object_edge_outward_with_a_mask_is_bigger_or_longer_first() -> None:

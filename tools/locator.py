@@ -9,9 +9,13 @@ the small ``Locator`` protocol:
 * ``florence2`` - Florence-2 in transformers (``<REGION_TO_DESCRIPTION>`` on a box around the handle, optionally the
   box of a SAM mask from the point, which is how Osprey's demo turns a click into a region).
 * ``osprey``  - Osprey itself, which only runs in its own environment, over HTTP (contract: docs/osprey-server.md).
-* ``offline`` - no model: exact shape/colour names on ShapesWorld images from their segmentation, and
-  "the region around (x, y)" with a colour-grown region elsewhere.
+* ``sam``     - SAM (transformers, tools/segmenter.py) turns each handle into an object mask; the description is the
+  world's name when a world plugin recognises the image, else "the region around (x, y)".
+* ``offline`` - no model: a registered world's exact names and masks on images it recognises (ShapesWorld ships as
+  one, luciddrag.tools.worlds), and "the region around (x, y)" with no region elsewhere (patch drags only).
 
+``use_sam`` puts SAM's masks under the ``openai`` / ``osprey`` / ``florence2`` namers: the mask comes from SAM, the
+name from the model (Osprey receives the masks in its request, as the paper's Osprey describes SAM masks).
 ``auto`` picks ``openai`` when an API key or a base URL is configured and ``offline`` otherwise. Service failures
 (network, HTTP errors after retries) fall back to ``offline`` with a warning in the result; a backend the user asked
 for whose weights are missing raises ``ModelLoadError`` instead, because silently describing nothing is worse.
@@ -30,8 +34,7 @@ import math
 import os
 import re
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -44,6 +47,7 @@ from luciddrag.engine.errors import InputError, ModelLoadError
 from luciddrag.prompts import RenderedPrompt, load_template, parse_label
 from luciddrag.tools.drawing import crop_window, draw_drags, zoomed_crop
 from luciddrag.tools.llm import LLM_SERVICE_ERRORS, NO_LLM_NOTICE, LLMSettings, describe_llm_error, make_chat_model
+from luciddrag.tools.segmenter import DEFAULT_SAM_MODEL, SamSegmenter, load_pretrained, local_only
 from luciddrag.tools.schemas import (
     Box,
     DragPoints,
@@ -56,11 +60,12 @@ from luciddrag.tools.schemas import (
     mask_to_rle,
     rle_to_mask,
 )
+from luciddrag.tools.worlds import recognise as recognise_world
 
 log = logging.getLogger(__name__)
 
 ImageLike = Image.Image | str | Path
-LocatorBackend = Literal["auto", "offline", "openai", "florence2", "osprey"]
+LocatorBackend = Literal["auto", "offline", "sam", "openai", "florence2", "osprey"]
 
 
 class LocatorConfig(BaseModel):
@@ -80,7 +85,9 @@ class LocatorConfig(BaseModel):
     box_fraction: float = Field(default=0.15, gt=0, le=1)
     """Side of the box around a handle for Florence-2 (fraction of the shorter side) when SAM is off."""
     use_sam: bool = False
-    sam_model: str = "facebook/sam-vit-base"
+    """SAM masks under the ``openai`` / ``osprey`` / ``florence2`` namers (the ``sam`` backend always uses SAM)."""
+    sam_model: str = Field(default_factory=lambda: os.environ.get("LUCIDDRAG_SAM_MODEL", DEFAULT_SAM_MODEL))
+    """SAM checkpoint for ``sam`` / ``use_sam``: a hub id or a local folder (``LUCIDDRAG_SAM_MODEL``)."""
     device: str = "cpu"
     local_files_only: bool | None = None
     """Load weights from the local cache only; None follows ``HF_HUB_OFFLINE``."""
@@ -193,147 +200,40 @@ def checked_region(box: tuple[float, float, float, float] | None, width: int, he
 # ------------------------------------------------------------------------------------------------ offline
 
 
-def shapesworld_objects(image: Image.Image) -> list[Any] | None:
-    """ShapesWorld segmentation when the image looks like a ShapesWorld scene, else None.
-
-    A ShapesWorld scene is a pastel background with a few saturated, nameable shapes: every segmented object has a
-    known shape and colour and together they hold nearly all saturated pixels. Photos fail that test (saturated
-    pixels there form many unnameable blobs), so they get the generic path.
-    """
-    if max(image.size) > 1024:
-        return None  # ShapesWorld renders are small; don't spend time segmenting large photos
-    try:
-        from luciddrag.evals.shapesworld.segment import foreground_mask, segment_objects
-    except ImportError:  # a trimmed install without the evals package
-        return None
-    objects = segment_objects(image)
-    if not objects or len(objects) > 8:
-        return None
-    if any(o.shape == "unknown" or o.colour == "unknown" for o in objects):
-        return None
-    fg = foreground_mask(image)
-    if fg.mean() > 0.6:
-        return None
-    covered = sum(o.area for o in objects)
-    if covered < 0.9 * fg.sum():
-        return None
-    return objects
-
-
-def shapesworld_attributes(obj: Any, width: int, height: int) -> dict[str, str]:
-    """Caption-grammar attributes of a segmented shape: shape, colour, size word, position phrase, phrase."""
-    from luciddrag.evals.shapesworld.world import describe_shape, position_phrase, size_word
-
-    size = size_word(obj.size, width)
-    position = position_phrase(obj.centroid[0], obj.centroid[1], width, height)
-    return {"shape": obj.shape, "colour": obj.colour, "size": size, "position": position,
-            "phrase": describe_shape(obj.shape, obj.colour, size, position)}
-
-
-def _distance_to_mask(mask: np.ndarray, point: Point) -> float:
-    ys, xs = np.nonzero(mask)
-    return float(np.min(np.hypot(xs - point[0], ys - point[1]))) if len(xs) else float("inf")
-
-
-def object_at(objects: Sequence[Any], point: Point) -> Any | None:
-    """The segmented object under ``point``: inside its mask, or within a small tolerance of its edge (a user
-    grabbing a shape's edge often clicks a pixel or two outside it)."""
-    x, y = int(round(point[0])), int(round(point[1]))
-    for obj in objects:
-        h, w = obj.mask.shape
-        if 0 <= y < h and 0 <= x < w and obj.mask[y, x]:
-            return obj
-    best, best_d = None, float("inf")
-    for obj in objects:
-        d = _distance_to_mask(obj.mask, point)
-        tolerance = max(1.5, 0.12 * obj.size)
-        if d <= tolerance and d < best_d:
-            best, best_d = obj, d
-    return best
-
-
-def region_grow(image: Image.Image, seed: Point, tolerance: float = 30.0, max_side: int = 128) -> np.ndarray:
-    """Pixels connected to ``seed`` whose colour is within ``tolerance`` (RGB distance) of the seed's colour.
-
-    Runs on a copy downscaled to ``max_side`` (a plain BFS in Python is fast at that size) and scales the mask
-    back. The seed colour is the median of a 3x3 patch so a single noisy pixel does not decide the region.
-    """
-    width, height = image.size
-    scale = min(1.0, max_side / max(width, height))
-    sw, sh = max(1, round(width * scale)), max(1, round(height * scale))
-    small = np.asarray(image.convert("RGB").resize((sw, sh), Image.Resampling.BILINEAR), dtype=np.float32)
-    sx = min(max(int(seed[0] * sw / width), 0), sw - 1)
-    sy = min(max(int(seed[1] * sh / height), 0), sh - 1)
-    patch = small[max(0, sy - 1):sy + 2, max(0, sx - 1):sx + 2].reshape(-1, 3)
-    ref = np.median(patch, axis=0)
-    similar = np.linalg.norm(small - ref, axis=-1) <= tolerance
-    grown = np.zeros((sh, sw), dtype=bool)
-    if similar[sy, sx]:
-        grown[sy, sx] = True
-        queue = deque([(sy, sx)])
-        while queue:
-            y, x = queue.popleft()
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < sh and 0 <= nx < sw and similar[ny, nx] and not grown[ny, nx]:
-                    grown[ny, nx] = True
-                    queue.append((ny, nx))
-    else:
-        grown[sy, sx] = True
-    full = Image.fromarray(grown.astype(np.uint8) * 255, "L").resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(full) > 0
-
-
 class OfflineLocator:
-    """No model: ShapesWorld objects by segmentation (exact), elsewhere "the region around (x, y)"."""
+    """No model. On an image a registered world recognises (luciddrag.tools.worlds; ShapesWorld ships as one), that
+    world's exact names, masks and caption. Anywhere else "the region around (x, y)" with no region: without a
+    segmenter nothing here knows where an object ends, and a colour blob passed off as an object would be dragged
+    rigidly, tearing the photo (use the ``sam`` backend for object masks)."""
 
     name = "offline"
-
-    def __init__(self, tolerance: float = 30.0) -> None:
-        self.tolerance = tolerance
 
     def locate(self, image: Image.Image, drags: DragPoints, mask: np.ndarray | None = None) -> LocatorResult:
         width, height = image.size
         drags.check_inside(width, height)
-        objects = shapesworld_objects(image)
-        descriptions = []
-        for i, pair in enumerate(drags.pairs):
-            if objects is not None:
-                descriptions.append(self._shapesworld(objects, i, pair.handle, width, height))
-            else:
-                grown = region_grow(image, pair.handle, self.tolerance)
-                descriptions.append(HandleDescription(
-                    index=i, handle=pair.handle, description=generic_description(pair.handle),
-                    region=checked_region(mask_box(grown), width, height, "region-grow", grown)))
-        caption = self._caption_from(objects, width, height) if objects is not None else None
-        backend = "offline:shapesworld" if objects is not None else "offline"
-        return LocatorResult(descriptions=descriptions, backend=backend, image_size=(width, height),
-                             caption=caption)
-
-    @staticmethod
-    def _shapesworld(objects: list[Any], index: int, handle: Point, width: int, height: int) -> HandleDescription:
-        obj = object_at(objects, handle)
-        if obj is None:
-            from luciddrag.evals.shapesworld.world import position_phrase
-
-            where = position_phrase(handle[0], handle[1], width, height)
-            return HandleDescription(index=index, handle=handle, description=f"the empty background {where}",
-                                     attributes={"background": "true", "position": where})
-        attrs = shapesworld_attributes(obj, width, height)
-        return HandleDescription(
-            index=index, handle=handle, description="the " + attrs["phrase"].removeprefix("a "),
-            region=checked_region(obj.bbox, width, height, "segmentation", obj.mask), attributes=attrs)
-
-    @staticmethod
-    def _caption_from(objects: list[Any], width: int, height: int) -> str:
-        from luciddrag.evals.shapesworld.world import join_descriptions
-
-        # Reading order (top to bottom, left to right) so the rebuilt caption does not depend on object areas.
-        ordered = sorted(objects, key=lambda o: (round(o.centroid[1] / max(1, height / 3)), o.centroid[0]))
-        return join_descriptions([shapesworld_attributes(o, width, height)["phrase"] for o in ordered])
+        claimed = recognise_world(image)
+        if claimed is None:
+            descriptions = [HandleDescription(index=i, handle=pair.handle, description=generic_description(pair.handle))
+                            for i, pair in enumerate(drags.pairs)]
+            return LocatorResult(descriptions=descriptions, backend=self.name, image_size=(width, height))
+        world, scene = claimed
+        assert world.locator is not None  # recognise_world only asks worlds that have one
+        descriptions = [world.locator.describe(scene, i, pair.handle) for i, pair in enumerate(drags.pairs)]
+        return LocatorResult(descriptions=descriptions, backend=f"{self.name}:{world.name}",
+                             image_size=(width, height), caption=world.locator.caption(scene))
 
     def caption(self, image: Image.Image) -> str | None:
-        objects = shapesworld_objects(image)
-        return None if objects is None else self._caption_from(objects, *image.size)
+        captioned = self.caption_source(image)
+        return captioned[0] if captioned else None
+
+    def caption_source(self, image: Image.Image) -> tuple[str, str] | None:
+        """(caption, "offline:<world>") when a world recognises the image and captions it, else None."""
+        claimed = recognise_world(image)
+        if claimed is None:
+            return None
+        world, scene = claimed
+        text = world.locator.caption(scene) if world.locator is not None else None
+        return (text, f"{self.name}:{world.name}") if text else None
 
 
 # ------------------------------------------------------------------------------------------------ OpenAI vision
@@ -515,64 +415,14 @@ def box_around(point: Point, fraction: float, width: int, height: int) -> Box:
     return crop_window(point, half, width, height)
 
 
-def _local_only(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-
-
-def _load_pretrained(loader: Callable[..., Any], model_id: str, local_files_only: bool, what: str) -> Any:
-    try:
-        return loader(model_id, local_files_only=local_files_only)
-    except (OSError, ValueError) as exc:
-        hint = ("it is not in the local Hugging Face cache" if local_files_only
-                else "it could not be downloaded (no network?)")
-        raise ModelLoadError(
-            f"cannot load {what} '{model_id}': {hint}. Download it once with "
-            f"`huggingface-cli download {model_id}` on a machine with network access, or use --locator offline"
-        ) from exc
-
-
-class SamPointSegmenter:
-    """SAM (transformers ``SamModel``) turning a click into a mask, as Osprey's demo does."""
-
-    def __init__(self, model_id: str = "facebook/sam-vit-base", device: str = "cpu",
-                 local_files_only: bool | None = None) -> None:
-        self.model_id, self.device, self.local_files_only = model_id, device, _local_only(local_files_only)
-        self._model: Any = None
-        self._processor: Any = None
-
-    def _load(self) -> None:
-        if self._model is None:
-            from transformers import SamModel, SamProcessor
-
-            self._processor = _load_pretrained(SamProcessor.from_pretrained, self.model_id, self.local_files_only,
-                                               "SAM processor")
-            self._model = _load_pretrained(SamModel.from_pretrained, self.model_id, self.local_files_only,
-                                           "SAM").to(self.device).eval()
-
-    def mask(self, image: Image.Image, point: Point) -> np.ndarray:
-        """The highest-scoring of SAM's three masks for a single foreground point (HxW bool)."""
-        import torch
-
-        self._load()
-        inputs = self._processor(images=image, input_points=[[[list(point)]]], return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            out = self._model(**inputs)
-        masks = self._processor.post_process_masks(out.pred_masks.cpu(), inputs["original_sizes"].cpu(),
-                                                   inputs["reshaped_input_sizes"].cpu())[0][0]
-        best = int(out.iou_scores[0, 0].argmax())
-        return masks[best].numpy().astype(bool)
-
-
 class Florence2Locator:
     """Florence-2's ``<REGION_TO_DESCRIPTION>`` on a box around each handle (or around SAM's mask of it)."""
 
     def __init__(self, model_id: str = "florence-community/Florence-2-base", *, device: str = "cpu",
-                 box_fraction: float = 0.15, sam: SamPointSegmenter | None = None,
+                 box_fraction: float = 0.15, sam: SamSegmenter | None = None,
                  local_files_only: bool | None = None, max_new_tokens: int = 32) -> None:
         self.model_id, self.device, self.box_fraction, self.sam = model_id, device, box_fraction, sam
-        self.local_files_only = _local_only(local_files_only)
+        self.local_files_only = local_only(local_files_only)
         self.max_new_tokens = max_new_tokens
         self.name = f"florence2:{model_id}"
         self._model: Any = None
@@ -584,9 +434,9 @@ class Florence2Locator:
             return
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-        self._processor = _load_pretrained(AutoProcessor.from_pretrained, self.model_id, self.local_files_only,
+        self._processor = load_pretrained(AutoProcessor.from_pretrained, self.model_id, self.local_files_only,
                                            "Florence-2 processor")
-        self._model = _load_pretrained(Florence2ForConditionalGeneration.from_pretrained, self.model_id,
+        self._model = load_pretrained(Florence2ForConditionalGeneration.from_pretrained, self.model_id,
                                        self.local_files_only, "Florence-2").to(self.device).eval()
 
     def _generate(self, image: Image.Image, prompt: str) -> str:
@@ -604,7 +454,7 @@ class Florence2Locator:
         width, height = image.size
         if self.sam is not None:
             m = self.sam.mask(image, handle)
-            box = mask_box(m)
+            box = mask_box(m) if m is not None else None
             if box is not None:
                 return box, m, "sam"
         return box_around(handle, self.box_fraction, width, height), None, "window"
@@ -692,8 +542,15 @@ class OspreyHttpLocator:
         self.timeout_s, self.max_retries, self._sleep = timeout_s, max_retries, sleep
         self.name = f"osprey:{self.url}"
 
-    def build_request(self, image: Image.Image, drags: DragPoints) -> OspreyRequest:
-        regions = [OspreyRegion(id=i, point=p.handle) for i, p in enumerate(drags.pairs)]
+    def build_request(self, image: Image.Image, drags: DragPoints,
+                      masks: list[np.ndarray | None] | None = None) -> OspreyRequest:
+        """The describe request; ``masks`` (one per handle, None where there is none) are sent with their boxes so
+        the server describes exactly those regions (a SAM mask from the handle, as in the paper)."""
+        masks = masks or [None] * len(drags.pairs)
+        regions = [OspreyRegion(id=i, point=p.handle) if m is None or not m.any() else
+                   OspreyRegion(id=i, point=p.handle, box=mask_box(m),
+                                mask={"size": [image.height, image.width], "counts": mask_to_rle(m)})
+                   for i, (p, m) in enumerate(zip(drags.pairs, masks))]
         return OspreyRequest(image=base64.b64encode(png_bytes(image)).decode("ascii"), width=image.width,
                              height=image.height, regions=regions)
 
@@ -721,10 +578,11 @@ class OspreyHttpLocator:
                 self._sleep(backoff_delay(attempt, retry_after))
         raise OspreyError(f"Osprey server at {self.url} failed after {self.max_retries + 1} attempt(s) ({last})")
 
-    def locate(self, image: Image.Image, drags: DragPoints, mask: np.ndarray | None = None) -> LocatorResult:
+    def locate(self, image: Image.Image, drags: DragPoints, mask: np.ndarray | None = None, *,
+               region_masks: list[np.ndarray | None] | None = None) -> LocatorResult:
         width, height = image.size
         drags.check_inside(width, height)
-        request = self.build_request(image, drags)
+        request = self.build_request(image, drags, region_masks)
         try:
             answer = OspreyResponse.model_validate(self._post(OSPREY_DESCRIBE_PATH, request.model_dump()))
         except ValueError as exc:  # pydantic ValidationError
@@ -786,7 +644,69 @@ def _decode_contract_mask(mask: dict[str, Any], width: int, height: int) -> np.n
     return decoded if decoded.any() else None
 
 
+# ------------------------------------------------------------------------------------------------ SAM
+
+
+class SamLocator:
+    """Object masks from SAM (one per handle); names from a namer when one is given (a vision LLM, Osprey), else
+    from a world plugin that recognises the image, else "the region around (x, y)".
+
+    SAM is the region authority here: a namer's own window or mask is replaced by SAM's mask where SAM found an
+    object under the handle. When the namer's service fails, the masks are kept and the names fall back, with a
+    warning (the masks are what the edit needs most)."""
+
+    def __init__(self, segmenter: SamSegmenter, namer: Locator | None = None) -> None:
+        self.segmenter, self.namer = segmenter, namer
+        self.name = segmenter.name if namer is None else f"{namer.name}+{segmenter.name}"
+
+    def _names(self, image: Image.Image, drags: DragPoints, mask: np.ndarray | None,
+               masks: list[np.ndarray | None]) -> tuple[LocatorResult | None, list[str]]:
+        if self.namer is None:
+            return None, []
+        try:
+            if isinstance(self.namer, OspreyHttpLocator):
+                return self.namer.locate(image, drags, mask, region_masks=masks), []
+            return self.namer.locate(image, drags, mask), []
+        except (OspreyError, *LLM_SERVICE_ERRORS) as exc:
+            log.warning("namer %s failed: %s", self.namer.name, exc)
+            reason = str(exc) if isinstance(exc, OspreyError) else describe_llm_error(exc)
+            return None, [f"locator {self.namer.name} failed ({reason}); kept SAM's masks without names"]
+
+    def locate(self, image: Image.Image, drags: DragPoints, mask: np.ndarray | None = None) -> LocatorResult:
+        width, height = image.size
+        drags.check_inside(width, height)
+        masks = self.segmenter.masks(image, [p.handle for p in drags.pairs])
+        named, warnings = self._names(image, drags, mask, masks)
+        world = recognise_world(image) if named is None else None
+        descriptions = []
+        for i, (pair, m) in enumerate(zip(drags.pairs, masks)):
+            if named is not None:
+                desc = named.descriptions[i]
+            elif world is not None and world[0].locator is not None:
+                desc = world[0].locator.describe(world[1], i, pair.handle)
+            else:
+                desc = HandleDescription(index=i, handle=pair.handle, description=generic_description(pair.handle))
+            region = checked_region(mask_box(m), width, height, "sam", m) if m is not None else None
+            if region is None:
+                warnings.append(f"SAM found no object-sized mask under handle {i + 1}; it will be a patch drag")
+            descriptions.append(desc.model_copy(update={"region": region}))
+        if named is not None:
+            warnings[:0] = named.warnings
+        caption = named.caption if named is not None else None
+        return LocatorResult(descriptions=descriptions, backend=self.name, image_size=(width, height),
+                             caption=caption, warnings=warnings)
+
+    def caption(self, image: Image.Image) -> str | None:
+        return self.namer.caption(image) if self.namer is not None else None
+
+
 # ------------------------------------------------------------------------------------------------ factory, entry
+
+
+@lru_cache(maxsize=2)
+def _sam_segmenter(model_id: str, device: str, local_files_only: bool | None) -> SamSegmenter:
+    """One SAM per configuration (weights load lazily, once, not per edit)."""
+    return SamSegmenter(model_id, device, local_files_only)
 
 
 @lru_cache(maxsize=2)
@@ -794,7 +714,7 @@ def _florence_locator(model_id: str, device: str, box_fraction: float, sam_model
                       local_files_only: bool | None) -> Florence2Locator:
     """One Florence-2 (+ SAM) instance per configuration: ``locate()`` is called once per edit, and reloading the
     weights every time would cost seconds each."""
-    sam = SamPointSegmenter(sam_model, device, local_files_only) if sam_model else None
+    sam = _sam_segmenter(sam_model, device, local_files_only) if sam_model else None
     return Florence2Locator(model_id, device=device, box_fraction=box_fraction, sam=sam,
                             local_files_only=local_files_only)
 
@@ -811,23 +731,29 @@ def make_locator(config: LocatorConfig | None = None) -> tuple[Locator, list[str
             notices.append(NO_LLM_NOTICE.format(what="locator"))
     if backend == "offline":
         return OfflineLocator(), notices
+    if backend == "sam":
+        return SamLocator(_sam_segmenter(config.sam_model, config.device, config.local_files_only)), notices
+    if backend == "florence2":
+        return _florence_locator(config.florence_model, config.device, config.box_fraction,
+                                 config.sam_model if config.use_sam else None, config.local_files_only), notices
+    namer: Locator
     if backend == "openai":
         if not settings.configured:
             raise InputError("the openai locator needs OPENAI_API_KEY (OpenAI) or OPENAI_BASE_URL (a local "
                              "OpenAI-compatible server)")
-        return OpenAIVisionLocator(settings, prompt=config.prompt, caption_prompt=config.caption_prompt,
-                                   crop_fraction=config.crop_fraction,
-                                   min_display_side=config.min_display_side), notices
-    if backend == "florence2":
-        return _florence_locator(config.florence_model, config.device, config.box_fraction,
-                                 config.sam_model if config.use_sam else None, config.local_files_only), notices
-    if backend == "osprey":
+        namer = OpenAIVisionLocator(settings, prompt=config.prompt, caption_prompt=config.caption_prompt,
+                                    crop_fraction=config.crop_fraction, min_display_side=config.min_display_side)
+    elif backend == "osprey":
         url = config.osprey_url or os.environ.get("LUCIDDRAG_OSPREY_URL")
         if not url:
             raise InputError("the osprey locator needs a server URL: set LUCIDDRAG_OSPREY_URL or --osprey-url "
                              "(see docs/osprey-server.md)")
-        return OspreyHttpLocator(url, timeout_s=config.timeout_s, max_retries=config.max_retries), notices
-    raise InputError(f"unknown locator backend {backend!r}")
+        namer = OspreyHttpLocator(url, timeout_s=config.timeout_s, max_retries=config.max_retries)
+    else:
+        raise InputError(f"unknown locator backend {backend!r}")
+    if config.use_sam:
+        return SamLocator(_sam_segmenter(config.sam_model, config.device, config.local_files_only), namer), notices
+    return namer, notices
 
 
 def locate(image: ImageLike, drags: DragPoints, mask: np.ndarray | Image.Image | str | Path | None = None,
@@ -878,7 +804,7 @@ def describe_image(image: ImageLike, caption: str | None = None, *, located: Loc
         text = None
     if text:
         return text, locator.name
-    offline = OfflineLocator().caption(img)
+    offline = OfflineLocator().caption_source(img)
     if offline:
-        return offline, "offline:shapesworld"
+        return offline
     return "an image", "default"

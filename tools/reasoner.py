@@ -7,8 +7,10 @@ Two backends:
   target inside/outside it, image size), answered as structured output (``IntentionSet``) through either
   ``json_schema`` or ``function_calling``, whichever the server supports.
 * The offline reasoner: rules on the drag geometry relative to the located object (move; bigger/smaller;
-  longer/taller/shorter; look toward; open/close). On ShapesWorld its prompts are captions in that world's grammar,
-  changed only in the edited words (size word, position phrase), so the tiny model receives real semantic guidance.
+  longer/taller/shorter; look toward; open/close). When a world plugin (luciddrag.tools.worlds) described the object,
+  that world writes the intentions (ShapesWorld: captions in its grammar, changed only in the edited words, so its
+  tiny model receives real semantic guidance). On a photo where nothing names the object, source and target prompts
+  stay identical: the reasoner does not know what is there, so only the drag carries the edit.
 
 Whatever the LLM returns is cleaned (blank, duplicate and surplus intentions dropped, missing ones topped up from
 the offline reasoner, confidences normalised); an answer that fails the schema gets one repair attempt, then the
@@ -30,7 +32,14 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from luciddrag.prompts import RenderedPrompt, load_template, parse_label
-from luciddrag.tools.llm import LLM_SERVICE_ERRORS, NO_LLM_NOTICE, LLMSettings, StructuredMethod, describe_llm_error, make_chat_model
+from luciddrag.tools.llm import (
+    LLM_SERVICE_ERRORS,
+    NO_LLM_NOTICE,
+    LLMSettings,
+    StructuredMethod,
+    describe_llm_error,
+    make_chat_model,
+)
 from luciddrag.tools.schemas import (
     DragPair,
     DragPoints,
@@ -42,14 +51,12 @@ from luciddrag.tools.schemas import (
     ReasonerResult,
     rle_to_mask,
 )
+from luciddrag.tools.worlds import WORLD_ATTRIBUTE, get_world
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 3
 OFFLINE_BACKEND = "offline"
-
-ShapeEdit = tuple[dict[str, str], dict[str, str]]
-"""A ShapesWorld caption edit: (attributes of the located shape, the words to change: {"size"/"position": ...})."""
 
 
 class ReasonRequest(BaseModel):
@@ -79,7 +86,7 @@ class ReasonerConfig(BaseModel):
 # ------------------------------------------------------------------------------------------------ drag geometry
 
 _DIRECTIONS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
-_DIRECTION_PHRASES = {
+DIRECTION_PHRASES = {
     "right": "to the right", "up-right": "up and to the right", "up": "up", "up-left": "up and to the left",
     "left": "to the left", "down-left": "down and to the left", "down": "down", "down-right": "down and to the right",
 }
@@ -286,12 +293,13 @@ def _key(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
-def clean_intentions(raw: Sequence[Intention], k: int) -> tuple[list[Intention], list[str]]:
+def clean_intentions(raw: Sequence[Intention], k: int, *,
+                     distinct_prompts: bool = True) -> tuple[list[Intention], list[str]]:
     """Distinct, complete intentions, most confident first, at most ``k``, confidences normalised.
 
-    Dropped: blank fields; repeats of an earlier intention (same wording, or the same source/target pair, which
-    would steer the edit identically). A pair whose source equals its target is allowed (the paper's rule when a
-    change is hard to describe) but noted.
+    Dropped: blank fields; repeats of an earlier intention (same wording, or, with ``distinct_prompts``, the same
+    source/target pair, which would steer the edit identically). A pair whose source equals its target is allowed
+    (the paper's rule when a change is hard to describe) but noted.
     """
     notes: list[str] = []
     kept: list[Intention] = []
@@ -305,7 +313,7 @@ def clean_intentions(raw: Sequence[Intention], k: int) -> tuple[list[Intention],
             notes.append("dropped an intention with an empty field")
             continue
         text_key, prompt_key = _key(fields[0]), (_key(fields[1]), _key(fields[2]))
-        if text_key in seen_text or prompt_key in seen_prompts:
+        if text_key in seen_text or (distinct_prompts and prompt_key in seen_prompts):
             notes.append(f"dropped a duplicate intention ({fields[0]!r})")
             continue
         seen_text.add(text_key)
@@ -383,26 +391,35 @@ def _look_word(dx: float, dy: float) -> str:
     return "up" if dy < 0 else "down"
 
 
-class _Candidate(BaseModel):
+class Candidate(BaseModel):
+    """One scored reading of one drag, before the readings of several drags are merged into intentions."""
+
     kind: str
+    """What kind of edit ("move", "bigger", ...): readings of the same kind from several drags merge."""
     score: float
     intention: str
     source_prompt: str
     target_prompt: str
-    shape_edit: ShapeEdit | None = None
-    """ShapesWorld only: the caption edit behind the prompts, so edits of several drags can be combined."""
+    world: str | None = None
+    """The world plugin that wrote this reading, if any."""
+    edit: Any = None
+    """That world's own record of the edit behind the prompts, so its ``combine`` can merge several drags'."""
 
 
-def _generic_candidates(g: DragGeometry, desc: HandleDescription, caption: str) -> list[_Candidate]:
+def generic_candidates(g: DragGeometry, desc: HandleDescription, caption: str, *, part: str | None = None,
+                       whole_image_words: bool = False) -> list[Candidate]:
     """Intentions for any image. A named part gets an adjective pair in the paper's style ("a short red
-    motorcycle" -> "a long red motorcycle"); an unnamed region can only change the whole description ("...,
-    larger"), which still gives the semantic guidance a direction. A move keeps the caption on both sides (the
-    paper's rule for changes that are hard to put in words: the drag itself carries it)."""
+    motorcycle" -> "a long red motorcycle"). An unnamed region ("the region around (x, y)") keeps the caption on
+    both sides: the reasoner does not know what is there, and "a photo" -> "a photo, smaller" would steer the whole
+    picture, not the dragged thing (the paper's rule for changes that are hard to put in words: the drag itself
+    carries it). A move keeps the caption on both sides too.
+
+    ``part`` names the dragged thing when a world knows it better than the description's words; a world that knows
+    its images are simple enough for whole-image words ("..., larger") asks for them with ``whole_image_words``.
+    """
     c = caption.strip().rstrip(".")
     obj = desc.description
-    part, owner = _part_and_owner(obj)
-    if {"shape", "colour"} <= set(desc.attributes):  # a ShapesWorld shape under a free-form caption
-        part, owner = f"{desc.attributes['colour']} {desc.attributes['shape']}", None
+    part, owner = (part, None) if part is not None else _part_and_owner(obj)
     generic = _is_generic(desc)
     horizontal = abs(g.dx) >= abs(g.dy)
     axis = "horizontally" if horizontal else "vertically"
@@ -410,7 +427,7 @@ def _generic_candidates(g: DragGeometry, desc: HandleDescription, caption: str) 
 
     def pair(before: str, after: str, whole_change: str) -> tuple[str, str]:
         if generic:
-            return c, f"{c}, {whole_change}"
+            return (c, f"{c}, {whole_change}") if whole_image_words else (c, c)
         return f"{c}, with a {before} {part}", f"{c}, with a {after} {part}"
 
     zone, radial = g.zone, g.radial if g.radial is not None else 0.0
@@ -429,7 +446,7 @@ def _generic_candidates(g: DragGeometry, desc: HandleDescription, caption: str) 
         s_move, s_big, s_small, s_stretch, s_shrink = 0.5, 0.3, 0.1, 0.3, 0.1
 
     specs = [
-        ("move", s_move, f"move {obj} {_DIRECTION_PHRASES.get(g.direction, '')}".strip(), (c, c)),
+        ("move", s_move, f"move {obj} {DIRECTION_PHRASES.get(g.direction, '')}".strip(), (c, c)),
         ("bigger", s_big, f"make {obj} bigger", pair("small", "big", "larger")),
         ("smaller", s_small, f"make {obj} smaller", pair("big", "small", "smaller")),
         ("stretch", s_stretch, f"make {obj} {stretch}",
@@ -448,113 +465,32 @@ def _generic_candidates(g: DragGeometry, desc: HandleDescription, caption: str) 
         before, after, verb = ("closed", "open", "open") if opens else ("open", "closed", "close")
         specs.append(("open" if opens else "close", 0.6, f"{verb} {obj}",
                       (f"{c}, with {before} {part}", f"{c}, with {after} {part}")))
-    return [_Candidate(kind=kind, score=score, intention=text, source_prompt=src, target_prompt=tgt)
-            for kind, score, text, (src, tgt) in specs]
+    return [Candidate(kind=kind, score=score, intention=text, source_prompt=src, target_prompt=tgt)
+           for kind, score, text, (src, tgt) in specs]
 
 
-# ShapesWorld: captions follow world.describe_shape's grammar, which the tiny model understands word by word.
-
-
-def _shapes_grammar() -> tuple[re.Pattern[str], Any]:
-    from luciddrag.evals.shapesworld import world
-
-    colours = "|".join(world.COLOURS)
-    shapes = "|".join(world.SHAPES)
-    sizes = "|".join(world.SIZE_WORDS)
-    positions = "|".join(re.escape(p) for p in world.POSITION_PHRASES)
-    pattern = re.compile(rf"^a (?:(?P<size>{sizes}) )?(?P<colour>{colours}) (?P<shape>{shapes})"
-                         rf"(?: (?P<position>{positions}))?$")
-    return pattern, world
-
-
-def edit_shapes_caption(caption: str, attrs: dict[str, str], *, size: str | None = None,
-                        position: str | None = None) -> tuple[str, str] | None:
-    """(source, target) captions for a ShapesWorld edit of one shape, or None if ``caption`` is not in the grammar.
-
-    The shape's own phrase is made explicit in both (its current size word / position phrase filled in where the
-    caption left them out), and the target differs only in the edited words, e.g. "a small red circle on the left"
-    -> "a big red circle on the left".
-    """
-    change = {k: v for k, v in (("size", size), ("position", position)) if v is not None}
-    return edit_shapes_caption_multi(caption, [(attrs, change)])
-
-
-def edit_shapes_caption_multi(caption: str, edits: Sequence[ShapeEdit]) -> tuple[str, str] | None:
-    """Like ``edit_shapes_caption`` for several shapes at once (one drag each); edits of the same shape combine."""
-    pattern, world = _shapes_grammar()
-    parts = [p.strip() for p in caption.strip().rstrip(".").split(world.CAPTION_JOINER)]
-    parsed = [pattern.match(p) for p in parts]
-    if not all(parsed):
+def _world_candidates(g: DragGeometry, desc: HandleDescription, request: ReasonRequest) -> list[Candidate] | None:
+    """The readings of the world plugin that described this handle (None: no world, or it leaves it to the generic
+    rules)."""
+    world = get_world(desc.attributes.get(WORLD_ATTRIBUTE))
+    if world is None or world.reasoner is None:
         return None
-    source_parts, target_parts = list(parts), list(parts)
-    targets: dict[int, dict[str, str]] = {}
-    for attrs, change in edits:
-        matches = [i for i, m in enumerate(parsed) if m and m["shape"] == attrs["shape"]
-                   and m["colour"] == attrs["colour"]]
-        if not matches:
-            return None
-        # Two shapes of the same kind and colour: the caption phrase that agrees with the located one.
-        which = max(matches, key=lambda i: (parsed[i]["size"] == attrs["size"])  # type: ignore[index]
-                    + (parsed[i]["position"] == attrs["position"]))  # type: ignore[index]
-        source_parts[which] = world.describe_shape(attrs["shape"], attrs["colour"], attrs["size"], attrs["position"])
-        edited = targets.setdefault(which, dict(attrs))
-        edited.update(change)
-        target_parts[which] = world.describe_shape(edited["shape"], edited["colour"], edited["size"],
-                                                   edited["position"])
-    return world.join_descriptions(source_parts), world.join_descriptions(target_parts)
+    return world.reasoner.candidates(g, desc, request.caption, request.image_size)
 
 
-def _shapes_candidates(g: DragGeometry, desc: HandleDescription, caption: str,
-                       image_size: tuple[int, int]) -> list[_Candidate] | None:
-    """ShapesWorld intentions (move / resize / both) with captions in the world's grammar; None if the caption or
-    the located object is not ShapesWorld's."""
-    attrs = desc.attributes
-    if not {"shape", "colour", "size", "position"} <= set(attrs):
+def _combined_prompts(caption: str, cands: Sequence[Candidate]) -> tuple[str, str] | None:
+    """One prompt pair for several drags' readings of one kind, when one world wrote all of them."""
+    names = {c.world for c in cands}
+    if len(names) != 1 or any(c.edit is None for c in cands):
         return None
-    from luciddrag.evals.shapesworld.world import SIZE_WORDS, position_phrase
+    world = get_world(names.pop())
+    return world.reasoner.combine(caption, [c.edit for c in cands]) if world and world.reasoner else None
 
-    width, height = image_size
-    obj = desc.description
-    ys_xs = None
-    if desc.region is not None and desc.region.mask_rle is not None:
-        ys_xs = np.nonzero(rle_to_mask(desc.region.mask_rle, height, width))
-    centre = (float(ys_xs[1].mean()), float(ys_xs[0].mean())) if ys_xs is not None else g.handle
-    moved_to = position_phrase(min(max(centre[0] + g.dx, 0), width - 1), min(max(centre[1] + g.dy, 0), height - 1),
-                               width, height)
-    small, big = SIZE_WORDS[0], SIZE_WORDS[-1]
-    grow_to = big if attrs["size"] == small else attrs["size"]
-    shrink_to = small if attrs["size"] == big else attrs["size"]
-    edits = {"move": {"position": moved_to}, "bigger": {"size": grow_to}, "smaller": {"size": shrink_to},
-             "move+bigger": {"position": moved_to, "size": grow_to},
-             "move+smaller": {"position": moved_to, "size": shrink_to}}
-    prompts: dict[str, tuple[str, str]] = {}
-    for kind, change in edits.items():
-        pair = edit_shapes_caption(caption, attrs, **change)
-        if pair is None:
-            return None
-        prompts[kind] = pair
 
-    zone, radial = g.zone, g.radial if g.radial is not None else 0.0
-    outward, inward = radial > 0.35, radial < -0.35
-    if zone == "edge" and outward:
-        scores = {"bigger": 0.9, "move": 0.3, "move+bigger": 0.35, "smaller": 0.02, "move+smaller": 0.02}
-    elif zone == "edge" and inward:
-        scores = {"smaller": 0.9, "move": 0.3, "move+smaller": 0.35, "bigger": 0.02, "move+bigger": 0.02}
-    elif zone == "interior" or zone is None:
-        scores = {"move": 1.0 if g.target_inside is not True else 0.8, "move+bigger": 0.2, "bigger": 0.12,
-                  "move+smaller": 0.1, "smaller": 0.05}
-    else:
-        scores = {"move": 0.6, "bigger": 0.3, "move+bigger": 0.2, "smaller": 0.1, "move+smaller": 0.05}
-    # A resize the vocabulary cannot express (a big shape made bigger) leaves source == target: less useful.
-    for kind, (src, tgt) in prompts.items():
-        if src == tgt:
-            scores[kind] *= 0.3
-    direction = _DIRECTION_PHRASES.get(g.direction, "")
-    texts = {"move": f"move {obj} {direction}", "bigger": f"make {obj} bigger", "smaller": f"make {obj} smaller",
-             "move+bigger": f"make {obj} bigger and move it {direction}",
-             "move+smaller": f"make {obj} smaller and move it {direction}"}
-    return [_Candidate(kind=kind, score=scores[kind], intention=texts[kind].strip(), source_prompt=prompts[kind][0],
-                       target_prompt=prompts[kind][1], shape_edit=(dict(attrs), edits[kind])) for kind in edits]
+def _unnamed_objects(descriptions: Sequence[HandleDescription]) -> bool:
+    """Some handle has an object mask (a segmenter's) but no name: readings with identical prompts then still
+    differ in how the agent moves that mask (translate, rescale, patch drag), so they are all kept."""
+    return any(_is_generic(d) and d.region is not None and d.region.mask_rle is not None for d in descriptions)
 
 
 def offline_reason(request: ReasonRequest) -> ReasonerResult:
@@ -562,18 +498,18 @@ def offline_reason(request: ReasonRequest) -> ReasonerResult:
 
     With several drags, each drag proposes candidates; a kind of intention scores the length-weighted mean over
     drags (a long drag says more than a short one), its text names every dragged object, and its prompts combine
-    every drag's edit on ShapesWorld (else they come from the longest drag).
+    every drag's edit when one world wrote them all (else they come from the longest drag).
     """
     geometries = request_geometry(request)
     by_index = {d.index: d for d in request.located.descriptions}
     total_length = sum(max(g.length, 1e-6) for g in geometries)
-    per_kind: dict[str, list[tuple[float, DragGeometry, _Candidate]]] = {}
+    per_kind: dict[str, list[tuple[float, DragGeometry, Candidate]]] = {}
     for g in geometries:
         desc = by_index.get(g.index) or HandleDescription(index=g.index, handle=g.handle,
                                                           description="the region around the handle")
-        cands = _shapes_candidates(g, desc, request.caption, request.image_size)
+        cands = _world_candidates(g, desc, request)
         if cands is None:
-            cands = _generic_candidates(g, desc, request.caption)
+            cands = generic_candidates(g, desc, request.caption)
         for cand in cands:
             per_kind.setdefault(cand.kind, []).append((max(g.length, 1e-6) / total_length, g, cand))
     candidates = []
@@ -581,14 +517,14 @@ def offline_reason(request: ReasonRequest) -> ReasonerResult:
         score = sum(w * c.score for w, _, c in entries)
         longest = max(entries, key=lambda e: e[1].length)[2]
         prompts = (longest.source_prompt, longest.target_prompt)
-        if len(entries) > 1 and all(c.shape_edit is not None for _, _, c in entries):
-            combined = edit_shapes_caption_multi(request.caption, [c.shape_edit for _, _, c in entries])  # type: ignore[misc]
-            prompts = combined or prompts
+        if len(entries) > 1:
+            prompts = _combined_prompts(request.caption, [c for _, _, c in entries]) or prompts
         texts = list(dict.fromkeys(c.intention for _, _, c in entries))  # distinct, in drag order
         candidates.append(Intention(intention=" and ".join(texts), source_prompt=prompts[0],
                                     target_prompt=prompts[1], confidence=score))
     # The rules' own duplicates (two readings that steer identically) are expected: no warnings for them.
-    intentions, _ = clean_intentions(candidates, request.k)
+    intentions, _ = clean_intentions(candidates, request.k,
+                                     distinct_prompts=not _unnamed_objects(request.located.descriptions))
     return ReasonerResult(intentions=intentions, backend=OFFLINE_BACKEND)
 
 

@@ -4,3 +4,4 @@ text-conditioned latent diffusion model trained on it, loadable exactly like a S
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
+DISCRIMINATOR_DIR = Path(__file__).resolve().parent / "discriminator"  # the trained one shipped with the model

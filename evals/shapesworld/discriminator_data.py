@@ -9,7 +9,6 @@ speckle blobs or a damaged background are not.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -21,7 +20,6 @@ from luciddrag.evals.shapesworld import world
 from luciddrag.evals.shapesworld.scoring import GHOST_THRESHOLD, TaskScore, score_task
 from luciddrag.evals.shapesworld.tasks import DragTask, generate_tasks
 
-DISCRIMINATOR_DIR = Path(__file__).resolve().parent / "discriminator"  # the trained one shipped with the model
 SYNTH_SEED_BASE = 700_000_000  # disjoint from training scenes of seed 0, the drag suite (8e8) and quality (9e8)
 CRITIC_SEED_BASE = 870_000_000  # held-out scenes for calibrating / checking the critic
 PSNR_LOW, PSNR_HIGH = 18.0, 26.0  # background PSNR mapped to 0..1 (22 dB = the middle)

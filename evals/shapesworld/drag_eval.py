@@ -52,7 +52,7 @@ def extra_terms_for(config: str, editor: DragEditor) -> list:
     if "+quality" not in name and name != "all":
         return []
     from luciddrag.engine.discriminator import load_discriminator, quality_terms
-    from luciddrag.evals.shapesworld.discriminator_data import DISCRIMINATOR_DIR
+    from luciddrag.evals.shapesworld import DISCRIMINATOR_DIR
 
     kv = dict(o.split("=", 1) for o in opts.split(",") if "=" in o)
     disc = load_discriminator(kv.get("d", DISCRIMINATOR_DIR), editor.c)  # d=FOLDER: try another discriminator
