@@ -23,7 +23,7 @@ from langgraph.types import interrupt
 from typing_extensions import Annotated, TypedDict
 
 from luciddrag.agent.artifacts import ArtifactStore, ImageRef
-from luciddrag.agent.context import AgentContext
+from luciddrag.agent.context import AgentContext, resolve_context
 from luciddrag.agent.grammar import HELP, TOOL_ACTIONS, EditAction, ReplyAction, parse_command
 from luciddrag.agent.graph import build_graph
 from luciddrag.agent.serde import with_artifact_serde
@@ -82,11 +82,12 @@ def understand(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     if img is not None and not isinstance(img, (ImageRef, dict)):
         from luciddrag.agent.nodes import _image
 
-        update["image"] = ArtifactStore(runtime.context.artifacts_dir).put_image(_image(img).convert("RGB"))
+        store = ArtifactStore(resolve_context(runtime.context).artifacts_dir)
+        update["image"] = store.put_image(_image(img).convert("RGB"))
     elif isinstance(img, dict):
         update["image"] = ImageRef.model_validate(img)
     text = next((m.content for m in reversed(state["messages"]) if isinstance(m, HumanMessage)), "")
-    model = _chat_model(runtime.context)
+    model = _chat_model(resolve_context(runtime.context))
     if model is None:
         action = parse_command(str(text))
         return {**update, "action": action.model_dump(), "offline": True}
@@ -134,7 +135,7 @@ def propose(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     from luciddrag.tools.locator import LocatorConfig, describe_image, locate
     from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
 
-    ctx = runtime.context
+    ctx = resolve_context(runtime.context)
     pts = (state.get("action") or {}).get("points") or (state.get("last") or {}).get("points")
     if state.get("image") is None or not pts:
         return _say(state, "Give me an image and a drag first, e.g. 'options for 30,30 to 45,30'.")
@@ -176,7 +177,7 @@ def _run_edit(state: ChatState, runtime: Runtime[AgentContext], base: ImageRef, 
         inp["intention"] = intention
     if mask is not None:
         inp["mask"] = mask
-    return build_graph().invoke(inp, context=runtime.context)
+    return build_graph().invoke(inp, context=resolve_context(runtime.context))
 
 
 def act(state: ChatState, runtime: Runtime[AgentContext]) -> dict:

@@ -1,7 +1,8 @@
 """The agent's runtime context (LangGraph `context_schema`): everything configurable about one run.
 
 Defaults come from the environment where users expect them: LUCIDDRAG_MODEL (base model id or folder),
-LUCIDDRAG_DEVICE, LUCIDDRAG_HOME (artifacts, checkpoints), OPENAI_API_KEY / OPENAI_BASE_URL (read by tools.llm).
+LUCIDDRAG_DEVICE, LUCIDDRAG_STEPS (sampling steps, e.g. a quick preview), LUCIDDRAG_HOME (artifacts, checkpoints),
+OPENAI_API_KEY / OPENAI_BASE_URL (read by tools.llm).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from luciddrag.engine.discriminator import Motion
+from luciddrag.engine.errors import InputError
 from luciddrag.engine.loading import DEFAULT_MODEL
 from luciddrag.engine.presets import recommended_settings
 from luciddrag.engine.request import GuidanceConfig
@@ -21,13 +23,26 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
+def _env_int(name: str, default: int, low: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{name}={raw!r} is not a whole number") from None
+    if value < low:
+        raise InputError(f"{name}={value} is too small (at least {low})")
+    return value
+
+
 @dataclass
 class AgentContext:
     model: str = field(default_factory=lambda: _env("LUCIDDRAG_MODEL", DEFAULT_MODEL))
     device: str | None = field(default_factory=lambda: _env("LUCIDDRAG_DEVICE"))
     dtype: str | None = None
     # sampling
-    steps: int = 50
+    steps: int = field(default_factory=lambda: _env_int("LUCIDDRAG_STEPS", 50, 2))
     guidance_scale: float = 5.0
     seed: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)

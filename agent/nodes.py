@@ -16,7 +16,7 @@ from langgraph.types import interrupt
 from PIL import Image
 
 from luciddrag.agent.artifacts import ArtifactStore, ImageRef
-from luciddrag.agent.context import AgentContext
+from luciddrag.agent.context import AgentContext, resolve_context
 from luciddrag.agent.state import AgentState, Attempt
 from luciddrag.agent.tools import sample_intentions, score_drag
 from luciddrag.engine.errors import InputError
@@ -27,8 +27,13 @@ from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason, sele
 from luciddrag.tools.schemas import DragPoints, Intention
 
 
+def _ctx(runtime: Runtime[AgentContext]) -> AgentContext:
+    """The run's context; invoked without one, the environment's defaults (as AgentContext documents)."""
+    return resolve_context(runtime.context)
+
+
 def _store(runtime: Runtime[AgentContext]) -> ArtifactStore:
-    return ArtifactStore(runtime.context.artifacts_dir)
+    return ArtifactStore(_ctx(runtime).artifacts_dir)
 
 
 def _image(value: Any) -> Image.Image:
@@ -73,7 +78,7 @@ def ingest(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
 
 def locate_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     """Locator tool: what is under each handle, and the image's description c."""
-    ctx = runtime.context
+    ctx = _ctx(runtime)
     image = _image(state["image"])
     cfg = LocatorConfig(backend=ctx.locator, llm=ctx.llm)
     located = locate(image, state["drags"], _mask_array(state), cfg)
@@ -122,7 +127,7 @@ def reason_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     reasoner's proposals (to borrow their prompts, i.e. semantic guidance), else used with the caption as both
     prompts.
     """
-    ctx = runtime.context
+    ctx = _ctx(runtime)
     warnings = list(state.get("warnings", []))
     given = state.get("intention")
     proposals: list[Intention] = []
@@ -227,7 +232,7 @@ def handle_regions(located: Any, size: tuple[int, int]) -> list[np.ndarray | Non
 
 def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     """Sampler tool: edit with the selected intention (or, batched, with every untried one at once)."""
-    ctx = runtime.context
+    ctx = _ctx(runtime)
     k = state["selected"]
     intentions = state["intentions"]
     prepared = dict(state.get("prepared") or {})
@@ -262,7 +267,7 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     Accept -> done. Reject -> pick the next intention (by confidence, without replacement) while the attempt budget
     lasts; when it is spent, return the best attempt, flagged as not accepted.
     """
-    ctx = runtime.context
+    ctx = _ctx(runtime)
     attempts = list(state["attempts"])
     current = attempts[-1]
     original, edited = _image(state["image"]), _image(current.image)
