@@ -24,6 +24,7 @@ from luciddrag.tools.locator import (
     OpenAIVisionLocator,
     OspreyError,
     OspreyHttpLocator,
+    SamLocator,
     backoff_delay,
     box_around,
     clean_description,
@@ -337,6 +338,34 @@ def test_osprey_client_follows_the_contract(osprey_server: Any) -> None:
     assert result.descriptions[0].region.box == (17, 17, 24, 24) and result.descriptions[0].region.source == "server"
     assert result.descriptions[1].region.box == (47, 37, 54, 44)
     assert "fake-osprey" in result.backend and result.warnings == []
+
+
+class SquareSegmenter:
+    """A segmenter double with a known answer: the 20x20 red square for a handle on it, nothing elsewhere (the real
+    SAM path is tested in tests/test_segmenter.py; this one checks what the locator does with the masks)."""
+
+    name = "sam:square"
+
+    def masks(self, image: Image.Image, handles: list[tuple[float, float]]) -> list[np.ndarray | None]:
+        square = np.zeros((image.height, image.width), bool)
+        square[10:30, 10:30] = True
+        return [square if square[int(y), int(x)] else None for x, y in handles]
+
+
+def test_osprey_under_sam_describes_the_sam_masks(osprey_server: Any) -> None:
+    server = osprey_server(FakeOsprey())
+    osprey = OspreyHttpLocator(server.base, sleep=lambda s: None)
+    result = SamLocator(SquareSegmenter(), namer=osprey).locate(  # type: ignore[arg-type]
+        _red_image(), DragPoints.from_flat([[20, 20], [40, 20], [50, 40], [60, 44]]))
+    sent = [r for r in server.requests if r.path == "/v1/describe"][0].body["regions"]
+    # The SAM mask travels in the request (Osprey describes a mask, as in the paper); no mask, no box: the point.
+    assert sent[0]["box"] == [10, 10, 30, 30] and sent[0]["mask"]["size"] == [48, 64]
+    assert rle_to_mask(sent[0]["mask"]["counts"], 48, 64)[10:30, 10:30].all()
+    assert sent[1]["mask"] is None and sent[1]["box"] is None
+    first, second = result.descriptions
+    assert first.description == "a red patch" and first.region.source == "sam" and first.region.box == (10, 10, 30, 30)
+    assert second.description == "a white patch" and second.region is None  # SAM found nothing: no server window
+    assert result.backend.startswith("osprey:") and result.backend.endswith("+sam:square")
 
 
 def test_osprey_retries_429_then_succeeds(osprey_server: Any) -> None:
