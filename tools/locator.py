@@ -193,7 +193,8 @@ def checked_region(box: tuple[float, float, float, float] | None, width: int, he
     if clipped is None:
         return None
     if mask is not None and mask.any():
-        return Region(box=clipped, source=source, area=int(mask.sum()), mask_rle=mask_to_rle(mask))  # type: ignore[arg-type]
+        return Region(box=clipped, source=source, area=int(mask.sum()),  # type: ignore[arg-type]
+                      mask_rle=mask_to_rle(mask))
     return Region(box=clipped, source=source)  # type: ignore[arg-type]
 
 
@@ -786,9 +787,9 @@ def describe_image(image: ImageLike, caption: str | None = None, *, located: Loc
                    config: LocatorConfig | None = None, locator: Locator | None = None) -> tuple[str, str]:
     """The image description c and where it came from: ``(text, source)``.
 
-    Order: the user's caption; the locator result's own caption (ShapesWorld segmentation); the configured
-    backend's captioner (a VLM); else the generic "an image". ShapesWorld scenes carry their caption in metadata:
-    pass it as ``caption``.
+    Order: the user's caption; the locator result's own caption (a world plugin's, e.g. rebuilt from ShapesWorld's
+    segmentation); the configured backend's captioner (a VLM); a world that recognises the image; else the generic
+    "an image". A world's scenes may carry their caption in metadata: pass it as ``caption``.
     """
     if caption and caption.strip():
         return caption.strip(), "user"
