@@ -23,18 +23,21 @@ from luciddrag.engine.preprocess import pil_to_tensor_array, scale_point, to_rgb
 
 @torch.no_grad()
 def dift_features(c: Components, image: Image.Image, prompt: str, t: int, up_block: int, ensemble: int,
-                  seed: int = 42, latent: str = "mean") -> torch.Tensor:
+                  seed: int = 42, latent: str = "mean", generator: torch.Generator | None = None) -> torch.Tensor:
     """(C, h, w) features of an RGB image already at a valid working size.
 
     ``latent="sample"`` draws each ensemble member's latent from the VAE posterior, as DIFT's own code (and so
     DragBench's Mean Distance) does; ``"mean"`` (the critic's default) uses the posterior mean for all members.
+    ``generator``: draw the posterior samples and the DDPM noise from it (continuing its stream; ``seed`` unused),
+    so that two images featurised one after the other get independent noise, as DragDiffusion's evaluation does
+    (seeded once, consecutive draws). Without it the noise is re-seeded from ``seed`` on every call.
     """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(c.scheduler_config)
     vae = c.vae
     x = torch.from_numpy(pil_to_tensor_array(image))[None].to(c.device, vae.dtype)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(seed)
     dist = vae.encode(x).latent_dist
     if latent == "sample":
         eps = torch.randn((ensemble, *dist.mean.shape[1:]), generator=gen).to(c.device, dist.mean.dtype)
@@ -47,7 +50,7 @@ def dift_features(c: Components, image: Image.Image, prompt: str, t: int, up_blo
     max_len = tok.model_max_length if tok.model_max_length and tok.model_max_length < 10_000 else 77
     ids = tok([prompt], padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
     emb = c.text_encoder(ids.to(c.device))[0].to(c.dtype)
-    if latent == "mean":  # same noise stream as before the "sample" option existed
+    if latent == "mean" and generator is None:  # same noise stream as before the "sample" option existed
         gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((ensemble, *z.shape[1:]), generator=gen).to(c.device, c.dtype)
     tt = torch.full((ensemble,), int(t), device=c.device, dtype=torch.long)

@@ -1,8 +1,9 @@
 """The field's drag-editing metrics, each a small function faithful to the protocol it cites.
 
 * Mean Distance (DragDiffusion, ``drag_bench_evaluation/run_eval_point_matching.py`` + ``dift_sd.py``): DIFT
-  features of SD 2.1 at t = 261 from decoder up-block 1, averaged over an ensemble of 8 noisings, with the sample's
-  prompt and no CFG; both images at the source's own size (the edited image resized to it bilinearly); features
+  features of SD 2.1 (fp32) at t = 261 from decoder up-block 1, averaged over an ensemble of 8 noisings, with the
+  sample's prompt and no CFG; the source and the edited image get independent noise (posterior samples and DDPM
+  noise drawn one after the other from one seeded generator, as the reference's global RNG does); both images at the source's own size (the edited image resized to it bilinearly); features
   bilinearly upsampled to the image size; for each handle, the pixel of the edited image whose feature is most
   cosine-similar to the source feature at the (integer) handle; L2 distance from it to the target; the benchmark's
   number is the mean over all points of all images. Implemented with ``engine.tracking`` (forward hooks on a stock
@@ -46,8 +47,11 @@ class DiftConfig(BaseModel):
     up_block: int = 1
     ensemble: int = 8
     seed: int = 42
-    """DragDiffusion seeds once per evaluated folder (``seed_everything(42)``), so its noise depends on the order of
-    samples; we seed every image with 42 so a sample's distance does not depend on which others ran before it."""
+    """DragDiffusion seeds once per evaluated folder (``seed_everything(42)``) and then draws consecutively, so the
+    source and the edited image get independent noise and a sample's noise depends on the order of samples. We seed
+    once per *sample* (source first, then the edited image, consecutive draws from one generator): independent
+    noise for the two images, as the reference, and a distance that does not depend on which samples ran before.
+    (Sharing one noise between the two images pulls every match towards "nothing moved".)"""
     latent: str = "sample"
     """DIFT encodes with ``latent_dist.sample()`` (one posterior draw per ensemble member)."""
 
@@ -79,8 +83,11 @@ def dift_track(c: Components, source: Image.Image, edited: Image.Image, handles:
     if esize != size:
         src, dst = src.resize(esize, Image.Resampling.BILINEAR), dst.resize(esize, Image.Resampling.BILINEAR)
         pts = [scale_point(p, size, esize) for p in pts]
-    fs = dift_features(c, src, prompt, cfg.t, cfg.up_block, cfg.ensemble, cfg.seed, latent=cfg.latent)
-    fd = dift_features(c, dst, prompt, cfg.t, cfg.up_block, cfg.ensemble, cfg.seed, latent=cfg.latent)
+    if c.dtype != torch.float32 or c.vae.dtype != torch.float32:
+        raise ValueError("Mean Distance runs DIFT in fp32, as the reference: load its model with dtype='fp32'")
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # one stream: the edited image draws after the source
+    fs = dift_features(c, src, prompt, cfg.t, cfg.up_block, cfg.ensemble, latent=cfg.latent, generator=gen)
+    fd = dift_features(c, dst, prompt, cfg.t, cfg.up_block, cfg.ensemble, latent=cfg.latent, generator=gen)
     found = nearest_match(fs, fd, pts, esize)
     return [scale_point(p, esize, size) for p in found] if esize != size else found
 
@@ -177,7 +184,7 @@ def load_clip(model_id: str = CLIP_MODEL, device: str = "cpu") -> Any:
         return CLIPModel.from_pretrained(model_id).to(device).eval()
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load CLIP {model_id!r} ({str(exc).splitlines()[0][:120]}). On a machine with "
-                             f"network run `huggingface-cli download {model_id}`, or pass --clip-model "
+                             f"network run `hf download {model_id}`, or pass --clip-model "
                              "/path/to/folder, or leave clip out of --metrics") from None
 
 

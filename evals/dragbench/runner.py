@@ -107,10 +107,16 @@ class Scorers:
         self.cfg = cfg
         self.dift_c = self.lpips = self.clip = self.chat = None
         if "md" in cfg.metrics:
+            import torch
+
             from luciddrag.engine.loading import load_components
 
             same = editing_components is not None and cfg.model is not None and cfg.dift.model == cfg.model
-            self.dift_c = editing_components() if same else load_components(cfg.dift.model, cfg.device)
+            reuse = editing_components() if same else None
+            if reuse is not None and reuse.dtype == torch.float32 and reuse.vae.dtype == torch.float32:
+                self.dift_c = reuse
+            else:  # DIFT in fp32, as the reference (the editing model runs fp16 on CUDA)
+                self.dift_c = load_components(cfg.dift.model, cfg.device, dtype="fp32")
         if "lpips" in cfg.metrics:
             from luciddrag.evals.dragbench.lpips import load_lpips
 
