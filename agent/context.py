@@ -16,6 +16,7 @@ from luciddrag.engine.errors import InputError
 from luciddrag.engine.loading import DEFAULT_MODEL
 from luciddrag.engine.presets import recommended_settings
 from luciddrag.engine.request import GuidanceConfig
+from luciddrag.tools.critic import RegionCriticConfig
 from luciddrag.tools.llm import LLMSettings
 
 
@@ -83,6 +84,16 @@ class AgentContext:
     """Kinds of drag sampled with quality guidance: 'translate' (move an object), 'scale' (resize it), 'patch'
     (deform around the point). None: the discriminator's recommendation (on ShapesWorld it helps moves and hurts
     resizes)."""
+    critic_regions: bool = True
+    """Judge an intention that moves or resizes a whole object by the object's region (luciddrag.tools.critic:
+    its best-matching scale + translation must carry each handle to its target, at the asked size, intact, nothing
+    left behind) instead of by the handle point alone, which cannot see a 2-4 px resize."""
+    region_critic: RegionCriticConfig | None = None
+    """The region critic's thresholds (None: RegionCriticConfig's defaults)."""
+    judge: Literal["auto", "off", "llm"] = field(default_factory=lambda: _env("LUCIDDRAG_JUDGE", "off"))  # type: ignore[assignment]
+    """Vision-LLM judge in the critique node (did the drag happen, is the object intact, score 0-10): 'auto' when
+    an LLM is configured (skipped with a warning if it fails), 'llm' required, 'off' (default; LUCIDDRAG_JUDGE)."""
+    min_judge_score: int = 5
     artifacts_dir: str | None = None
     show_progress: bool = False
 

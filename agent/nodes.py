@@ -17,6 +17,7 @@ from PIL import Image
 
 from luciddrag.agent.artifacts import ArtifactStore, ImageRef
 from luciddrag.agent.context import AgentContext, resolve_context
+from luciddrag.agent.object_checks import object_checks
 from luciddrag.agent.state import AgentState, Attempt
 from luciddrag.agent.tools import sample_intentions, score_drag
 from luciddrag.engine.errors import InputError
@@ -280,6 +281,10 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     if quality is not None and min_quality is not None:
         faithful = quality >= min_quality
         checks.append((faithful, f"fidelity {quality:.2f} {'>=' if faithful else '<'} {min_quality:.2f}"))
+    # whole-object checks (agent/object_checks.py): the region critic for moves/resizes, the optional LLM judge
+    checks = object_checks(ctx, checks, original, edited, state["drags"],
+                           handle_regions(state.get("located"), original.size),
+                           region_motion(state["intentions"][current.index], ctx), current.intention)
     failed = [text for ok, text in checks if not ok]
     verdict = "rejected" if failed else "accepted"
     current = current.model_copy(update={**score, "quality": quality, "verdict": verdict,

@@ -18,6 +18,7 @@ from luciddrag.agent.cli.prompts import app
 from luciddrag.tools.locator import caption_variables, locator_variables
 from luciddrag.tools.reasoner import ReasonRequest, reasoner_variables, repair_variables
 from luciddrag.evals.dragbench.gscore import gscore_variables
+from luciddrag.tools.judge import judge_variables
 from luciddrag.tools.schemas import DragPoints, HandleDescription, LocatorResult
 
 PAPER_INSTRUCTION_START = ("You are a helpful assistant. Given the original description and human-select drag "
@@ -41,6 +42,7 @@ CODE_VARIABLES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "repair_answer": lambda t: repair_variables("1 validation error", "{not json"),
     "chat_system": lambda t: chat_prompt_variables({"messages": []}),
     "gscore_rate": lambda t: gscore_variables(3),
+    "judge_edit": lambda t: judge_variables((64, 64), DragPoints.from_flat([[10, 20], [30, 5]]), "move it"),
 }
 INTENTION_REASONER_TEMPLATES = {"reason_intentions", "locate_region", "caption_image", "repair_answer"}
 

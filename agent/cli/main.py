@@ -286,6 +286,8 @@ app.command("train-discriminator")(discriminator.train_command)
 app.command("web")(web_command)                               # the click-to-drag web app
 eval_app.command("dragbench")(dragbench.app)                  # DragBench / Drag100 protocol
 eval_app.command("agent")(agent_eval.app)                     # offline agent evals with cassettes
+from luciddrag.agent.cli import agent_shapes  # noqa: E402 (kept with its mount: one hunk in a shared file)
+eval_app.command("agent-shapes")(agent_shapes.app)           # hidden-intent agent suite (docs/agent-eval.md)
 
 
 def main() -> None:
