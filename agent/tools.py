@@ -16,6 +16,7 @@ from PIL import Image
 
 from luciddrag.agent.artifacts import ArtifactStore, ImageRef
 from luciddrag.agent.context import AgentContext
+from luciddrag.agent.serving.client import get_sampler
 from luciddrag.engine.pipeline import DragEditor, EditResult, StepEvent, quality_guidance_terms
 from luciddrag.engine.request import EditRequest, QualityGuidance
 from luciddrag.engine.tracking import track_points
@@ -48,14 +49,16 @@ def sample_intentions(ctx: AgentContext, image: Image.Image, drags: DragPoints, 
     `regions`: per drag, the object mask that follows the handle (or None: a patch around the point), translated or
     scaled as `motion` says ("translate" / "scale"; None: a patch drag, which has no region). Which guidance terms
     apply (quality guidance for this kind of drag or not) is the engine's decision."""
-    editor = get_editor(ctx)
-    editor.show_progress = ctx.show_progress
     req = EditRequest.create(image=image, points=flat_points(drags), mask=mask, steps=ctx.steps,
                              handle_masks=list(regions) if regions is not None else None,
                              region_motion=motion or "translate", fast=ctx.fast,
                              guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance,
                              quality=quality_request(ctx))
     pairs = [(i.source_prompt, i.target_prompt) for i in intentions]
+    if (remote := get_sampler(ctx)) is not None:  # LUCIDDRAG_SAMPLER: on the Ray Serve deployment (agent/serving)
+        return remote.edit(req, pairs, model=ctx.model)
+    editor = get_editor(ctx)
+    editor.show_progress = ctx.show_progress
     with _lock:  # one edit at a time per loaded model: the memory bank lives on the UNet's processors
         return editor.edit(req, intentions=pairs, callback=progress)
 
@@ -78,15 +81,18 @@ def score_drag(ctx: AgentContext, original: Image.Image, edited: Image.Image, dr
                prompt: str = "") -> dict[str, Any]:
     """The scorer: track each handle's content into the edited image (DIFT features of the base UNet) and measure
     how far it landed from its target, in pixels and as a fraction of the drag's length."""
-    editor = get_editor(ctx)
     radii = None
     if ctx.critic_search is not None:
         floor = 0.05 * min(original.size)
         radii = [max(ctx.critic_search * p.length, floor) for p in drags.pairs]
-    with _lock:
-        found = track_points(editor.c, original, edited, [p.handle for p in drags.pairs], prompt=prompt,
-                             t=ctx.critic_timestep, up_block=ctx.critic_block, ensemble=ctx.critic_ensemble,
-                             seed=ctx.seed, radii=radii)
+    if (remote := get_sampler(ctx)) is not None:  # the deployment has the model: track there too
+        found = remote.track(ctx, original, edited, [p.handle for p in drags.pairs], prompt=prompt, radii=radii)
+    else:
+        editor = get_editor(ctx)
+        with _lock:
+            found = track_points(editor.c, original, edited, [p.handle for p in drags.pairs], prompt=prompt,
+                                 t=ctx.critic_timestep, up_block=ctx.critic_block, ensemble=ctx.critic_ensemble,
+                                 seed=ctx.seed, radii=radii)
     dists = [float(np.hypot(f[0] - p.target[0], f[1] - p.target[1])) for f, p in zip(found, drags.pairs)]
     fractions = [d / max(p.length, 1e-6) for d, p in zip(dists, drags.pairs)]
     return {"tracked": found, "md_px": float(np.mean(dists)), "md_fraction": float(np.mean(fractions))}

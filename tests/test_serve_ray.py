@@ -21,7 +21,6 @@ from luciddrag.agent.serving.protocol import (SampleJob, ServiceError, edit_resu
                                               mask_b64, mask_from_b64, png_b64, run_sample_batch, sample_job)
 from luciddrag.engine.errors import InputError
 from luciddrag.engine.request import DragPair, EditRequest, GuidanceConfig
-from luciddrag.tools.schemas import DragPoints, Intention
 
 STEPS = 3
 GUIDANCE = GuidanceConfig(edit_steps=2, kv_start_step=1)
@@ -34,9 +33,13 @@ def _image(shift: int = 0) -> Image.Image:
     return im
 
 
+def _request(image: Image.Image, steps: int = STEPS, **kw) -> EditRequest:
+    return EditRequest.create(image=image, drags=DRAGS, steps=steps, guidance_scale=1.0, seed=0, guidance=GUIDANCE,
+                              **kw)
+
+
 def _job(model: str, image: Image.Image, intentions, steps: int = STEPS) -> SampleJob:
-    return sample_job(image, DRAGS, intentions, model=model, steps=steps, guidance_scale=1.0, seed=0,
-                      guidance=GUIDANCE)
+    return sample_job(_request(image, steps), intentions, model=model)
 
 
 def _ctx(model: str, steps: int = STEPS) -> AgentContext:
@@ -97,9 +100,7 @@ def test_batch_merges_jobs_on_one_image_and_isolates_failures(tiny_editor, tiny_
 def test_a_single_job_matches_the_engine_exactly(tiny_editor, tiny_model_dir):
     job = _job(str(tiny_model_dir), _image(), [("a red circle", "a red circle on the right")])
     (reply,) = run_sample_batch(tiny_editor, str(tiny_model_dir), [job])
-    direct = tiny_editor.edit(EditRequest.create(image=_image(), drags=DRAGS, steps=STEPS, guidance_scale=1.0,
-                                                 seed=0, guidance=GUIDANCE),
-                              intentions=[("a red circle", "a red circle on the right")])
+    direct = tiny_editor.edit(_request(_image()), intentions=[("a red circle", "a red circle on the right")])
     assert np.array_equal(np.asarray(edit_result(reply).image), np.asarray(direct.image))
 
 
@@ -145,12 +146,11 @@ def test_deployment_edits_like_the_engine(serve_app, tiny_editor, monkeypatch):
     monkeypatch.setenv("LUCIDDRAG_SAMPLER", f"serve:{APP}")
     reset_clients()
     sampler = get_sampler(_ctx(serve_app["model"]))
-    intention = Intention(intention="move it", source_prompt="a red circle", target_prompt="a red circle on the right",
-                          confidence=1.0)
-    res = sampler.sample(_ctx(serve_app["model"]), _image(), DragPoints(pairs=DRAGS), None, [intention])
-    direct = tiny_editor.edit(EditRequest.create(image=_image(), drags=DRAGS, steps=STEPS, guidance_scale=1.0,
-                                                 seed=0, guidance=GUIDANCE),
-                              intentions=[("a red circle", "a red circle on the right")])
+    pairs = [("a red circle", "a red circle on the right")]
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8:48, 8:56] = True  # a painted region crosses the wire as a 1-bit PNG
+    res = sampler.edit(_request(_image(), mask=mask), pairs, model=serve_app["model"])
+    direct = tiny_editor.edit(_request(_image(), mask=mask), intentions=pairs)
     # lossless PNG both ways; the replica runs torch with one thread, so allow float-order rounding of a level or two
     diff = np.abs(np.asarray(res.image, dtype=int) - np.asarray(direct.image, dtype=int))
     assert diff.max() <= 2, diff.max()

@@ -18,17 +18,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 from PIL import Image
 
-from luciddrag.agent.serving.protocol import (QualitySettings, SampleJob, SampleReply, ServiceError, TrackJob,
-                                              TrackReply, edit_result, png_b64, sample_job)
+from luciddrag.agent.serving.protocol import (SampleJob, SampleReply, ServiceError, TrackJob, TrackReply, edit_result,
+                                              png_b64, sample_job)
 from luciddrag.agent.serving.ray_app import DEFAULT_APP, import_ray
 from luciddrag.engine.errors import InputError
 from luciddrag.engine.pipeline import EditResult
-from luciddrag.engine.request import DragPair
+from luciddrag.engine.request import EditRequest
 
 ENV = "LUCIDDRAG_SAMPLER"
 LOCAL = ("", "local", "inprocess", "in-process")
@@ -156,21 +155,11 @@ class ServeSampler:
     def sample_job(self, job: SampleJob) -> SampleReply:
         return SampleReply.model_validate_json(self._call("sample", job.model_dump_json()))
 
-    def sample(self, ctx: Any, image: Image.Image, drags: Any, mask: np.ndarray | None,
-               intentions: Sequence[Any], progress: Callable[..., None] | None = None,
-               regions: Sequence[np.ndarray | None] | None = None, motion: str | None = None) -> EditResult:
-        """`sample_intentions`' contract, on the deployment. `drags`: a DragPoints (or a list of DragPair);
-        `intentions`: Intention objects (or (source, target) pairs). Progress is not streamed: the replica
-        works on whole batches."""
-        pairs = [(i.source_prompt, i.target_prompt) if hasattr(i, "source_prompt") else tuple(i) for i in intentions]
-        quality = None
-        if getattr(ctx, "discriminator", None) and getattr(ctx, "w_quality", None) != 0:
-            quality = QualitySettings(discriminator=str(ctx.discriminator), weight=ctx.w_quality,
-                                      steps=ctx.quality_steps, kind=motion or "patch", motions=ctx.quality_motions)
-        job = sample_job(image, _pairs(drags), pairs, model=ctx.model, steps=ctx.steps,
-                         guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance, mask=mask,
-                         regions=regions, motion=motion, quality=quality)
-        return edit_result(self.sample_job(job))
+    def edit(self, request: EditRequest, intentions: Sequence[tuple[str, str]] | None = None,
+             model: str | None = None) -> EditResult:
+        """`DragEditor.edit(request, intentions)` on the deployment (`model`: the base model this run expects; the
+        replica refuses a job for another). Progress is not streamed: a replica works on whole batches."""
+        return edit_result(self.sample_job(sample_job(request, intentions or [], model)))
 
     def track(self, ctx: Any, original: Image.Image, edited: Image.Image, handles: Sequence[tuple[float, float]],
               prompt: str = "", radii: Sequence[float] | None = None) -> list[tuple[float, float]]:
@@ -183,10 +172,6 @@ class ServeSampler:
         if reply.failure is not None:
             raise reply.failure.exception()
         return list(reply.points)
-
-
-def _pairs(drags: Any) -> list[DragPair]:
-    return list(drags.pairs) if hasattr(drags, "pairs") else list(drags)
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,7 +17,7 @@ import hashlib
 import io
 import os
 import socket
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from luciddrag.engine import errors
 from luciddrag.engine.errors import InputError, LucidDragError
 from luciddrag.engine.pipeline import DragEditor, EditResult
-from luciddrag.engine.request import DragPair, EditRequest, GuidanceConfig
+from luciddrag.engine.preprocess import load_mask, open_image
+from luciddrag.engine.request import EditRequest
 
 WIRE_VERSION = 1
 Point = tuple[float, float]
-Kind = Literal["translate", "scale", "patch"]
 
 
 class ServiceError(LucidDragError, RuntimeError):
@@ -90,32 +90,16 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class QualitySettings(_Wire):
-    """Quality guidance for a job (the agent's discriminator settings); the replica loads the discriminator from
-    `discriminator`, a folder that must exist on the replica's node too."""
-
-    discriminator: str
-    weight: float | None = None
-    steps: int | None = None
-    kind: Kind = "patch"
-    motions: tuple[Kind, ...] | None = None
-
-
 class SampleJob(_Wire):
-    """One edit: an image, its drags and settings, and the intentions (source, target prompt pairs) to sample."""
+    """One edit: an image, its masks, the rest of its EditRequest (drags, steps, guidance, quality, ...) as JSON, and
+    the intentions (source, target prompt pairs) to sample."""
 
     version: int = WIRE_VERSION
     model: str | None = Field(None, description="The base model the caller expects; None: whatever is served.")
     image_png: str
-    drags: list[DragPair] = Field(min_length=1)
     mask_png: str | None = None
     handle_masks_png: list[str | None] | None = None
-    region_motion: Literal["translate", "scale"] = "translate"
-    steps: int = 50
-    guidance_scale: float = 5.0
-    seed: int = 0
-    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
-    quality: QualitySettings | None = None
+    request: dict[str, Any] = Field(description="EditRequest fields but image and masks, as JSON values.")
     intentions: list[tuple[str, str]] = Field(min_length=1)
 
     def share_key(self) -> str:
@@ -198,21 +182,9 @@ def failure_of(exc: BaseException) -> Failure:
 
 def edit_request(job: SampleJob) -> EditRequest:
     return EditRequest.create(
-        image=image_from_b64(job.image_png), drags=list(job.drags),
+        **job.request, image=image_from_b64(job.image_png),
         mask=mask_from_b64(job.mask_png) if job.mask_png else None,
-        handle_masks=[mask_from_b64(m) if m else None for m in job.handle_masks_png] if job.handle_masks_png else None,
-        region_motion=job.region_motion, steps=job.steps, guidance_scale=job.guidance_scale, seed=job.seed,
-        guidance=job.guidance)
-
-
-def quality_terms_of(job: SampleJob, editor: DragEditor) -> list:
-    q = job.quality
-    if q is None or q.weight == 0:
-        return []
-    from luciddrag.engine.discriminator import load_discriminator, quality_terms
-
-    return quality_terms(load_discriminator(q.discriminator, editor.c), q.weight, q.steps, motion=q.kind,
-                         motions=q.motions)
+        handle_masks=[mask_from_b64(m) if m else None for m in job.handle_masks_png] if job.handle_masks_png else None)
 
 
 def group_jobs(jobs: Sequence[SampleJob]) -> list[list[int]]:
@@ -237,7 +209,8 @@ def run_sample_batch(editor: DragEditor, served_model: str, jobs: Sequence[Sampl
                 raise InputError(f"the sampler deployment serves {served_model!r}, this run asked for "
                                  f"{first.model!r}: point LUCIDDRAG_SAMPLER at a deployment of that model")
             pairs = [p for i in group for p in jobs[i].intentions]
-            result = editor.edit(edit_request(first), intentions=pairs, extra_terms=quality_terms_of(first, editor))
+            # the engine decides the guidance terms (editing; quality when the request names a discriminator)
+            result = editor.edit(edit_request(first), intentions=pairs)
         except Exception as exc:  # noqa: BLE001 - reported to the caller, the replica stays up
             for i in group:
                 replies[i] = SampleReply(failure=failure_of(exc), batch_size=len(jobs), shared_with=len(group),
@@ -279,18 +252,22 @@ def run_track(editor: DragEditor, served_model: str, job: TrackJob) -> TrackRepl
 
 # -- the client's side -------------------------------------------------------------------------------------------
 
-def sample_job(image: Image.Image, drags: Sequence[DragPair], intentions: Sequence[tuple[str, str]], *,
-               model: str | None, steps: int, guidance_scale: float, seed: int, guidance: GuidanceConfig,
-               mask: np.ndarray | None = None, regions: Sequence[np.ndarray | None] | None = None,
-               motion: str | None = None, quality: QualitySettings | None = None) -> SampleJob:
-    """The job for what `sample_intentions` would run in-process (same arguments, same meaning)."""
+MASK_FIELDS = {"image", "mask", "handle_masks"}
+
+
+def sample_job(request: EditRequest, intentions: Sequence[tuple[str, str]], model: str | None = None) -> SampleJob:
+    """The job for `editor.edit(request, intentions)`: the image as PNG, masks resolved by the engine's own rule
+    (`load_mask`) and sent as 1-bit PNGs, every other field as JSON."""
+    image = open_image(request.image)
+    size = image.size
     return SampleJob(
-        model=model, image_png=png_b64(image), drags=list(drags),
-        mask_png=mask_b64(mask) if mask is not None else None,
-        handle_masks_png=[mask_b64(r) if r is not None else None for r in regions] if regions is not None else None,
-        region_motion=motion if motion in ("translate", "scale") else "translate",  # type: ignore[arg-type]
-        steps=steps, guidance_scale=guidance_scale, seed=seed, guidance=guidance, quality=quality,
-        intentions=[(s, t) for s, t in intentions])
+        model=model, image_png=png_b64(image),
+        mask_png=mask_b64(load_mask(request.mask, size)) if request.mask is not None else None,
+        handle_masks_png=None if request.handle_masks is None else [
+            None if m is None else mask_b64(load_mask(m, size, what=f"handle mask {i + 1}"))
+            for i, m in enumerate(request.handle_masks)],
+        request=request.model_dump(mode="json", exclude=MASK_FIELDS),
+        intentions=[(s, t) for s, t in (intentions or [(request.source_prompt, request.target_prompt)])])
 
 
 def edit_result(reply: SampleReply) -> EditResult:
