@@ -1,8 +1,8 @@
 """One worker process of tests/test_postgres_threads.py: runs part of a drag run and of a chat on threads kept in
 Postgres, then prints what it saw as one JSON line. Run as `python tests/postgres_worker.py ROLE SPEC_JSON`.
 
-ROLE "first": start the drag run and stop it before sampling (as a worker that went down would); say the first chat
-turn (a drag). ROLE "second": continue that drag run from its checkpoint; say "try your second idea" in the chat.
+ROLE "first": start the drag run with the sampler service down, so it stops at `sample`; say the first chat turn
+(a drag, sampled in-process). ROLE "second": continue that drag run from its checkpoint; say "try your second idea" in the chat.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ def main(role: str, spec: dict) -> dict:
     from luciddrag.agent.context import AgentContext
     from luciddrag.agent.graph import build_graph
     from luciddrag.agent.persistence import close_checkpointer, make_checkpointer
+    from luciddrag.engine.errors import LucidDragError
 
     art = spec["artifacts"]
     ctx = AgentContext(model=spec["model"], device="cpu", steps=3, locator="offline", reasoner="offline",
@@ -28,7 +29,15 @@ def main(role: str, spec: dict) -> dict:
     talk = {"configurable": {"thread_id": spec["chat_thread"]}}
     out: dict = {"pid": os.getpid()}
     if role == "first":
-        drag.invoke({"image": spec["image"], "points": spec["points"]}, run, context=ctx, interrupt_before=["sample"])
+        # this worker's sampler is down (nothing listens at that address): the run stops at `sample`, its earlier
+        # steps safe in the database
+        os.environ["LUCIDDRAG_SAMPLER"] = spec["dead_sampler"]
+        try:
+            drag.invoke({"image": spec["image"], "points": spec["points"]}, run, context=ctx)
+            out["error"] = None
+        except LucidDragError as exc:
+            out["error"] = str(exc)
+        del os.environ["LUCIDDRAG_SAMPLER"]
         state = drag.get_state(run)
         out["next"] = list(state.next)
         out["intentions"] = [i.intention for i in state.values["intentions"]]

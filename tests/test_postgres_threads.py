@@ -94,12 +94,13 @@ def test_two_workers_share_threads(postgres_url, tiny_model_dir, tmp_path):
     sc.image.save(image)
     spec = {"url": postgres_url, "model": str(tiny_model_dir), "image": str(image),
             "points": [[cx, cy], [cx - 12, cy]], "artifacts": str(tmp_path / "shared-artifacts"),
-            "drag_thread": "drag-1", "chat_thread": "chat-1"}
+            "drag_thread": "drag-1", "chat_thread": "chat-1", "dead_sampler": f"http://127.0.0.1:{_free_port()}/x"}
     first = _worker("first", spec)
     second = _worker("second", spec)
     assert first["pid"] != second["pid"]
-    # the drag run: the first worker stopped before sampling; the second found it there, with the same intentions,
-    # and finished it without redoing locate / reason / choose
+    # the drag run: the first worker's sampler was down, so it stopped at `sample` with one clear line; the second
+    # found the run there, with the same intentions, and finished it without redoing locate / reason / choose
+    assert "could not be reached" in first["error"] and "resume from its last checkpoint" in first["error"]
     assert first["next"] == ["sample"] and len(first["intentions"]) >= 2
     assert second["next_before"] == ["sample"] and second["intentions_before"] == first["intentions"]
     assert second["attempts"] == 1 and Path(second["result"]).is_file()

@@ -69,6 +69,9 @@ _RETRYABLE_NAMES = {"ActorDiedError", "ActorUnavailableError", "RayActorError", 
                     "ConnectError", "RemoteProtocolError", "ReadError"}
 
 
+_UNREACHABLE = {"ConnectError", "DeploymentUnavailableError"}
+
+
 def _retryable(exc: BaseException) -> bool:
     return any(c.__name__ in _RETRYABLE_NAMES for c in type(exc).__mro__)
 
@@ -144,8 +147,10 @@ class ServeSampler:
                     raise ServiceError(f"{transport.name} failed: {type(exc).__name__}: "
                                        f"{(str(exc).splitlines() or [''])[0][:300]}") from None
                 if attempt == self.retries:
+                    what = ("could not be reached" if type(exc).__name__ in _UNREACHABLE
+                            else "replica died while working")
                     raise ServiceError(
-                        f"the sampler replica died while working ({type(exc).__name__}) and {self.retries} "
+                        f"the sampler {what} ({type(exc).__name__}; {transport.name}) and {self.retries} "
                         f"retr{'y' if self.retries == 1 else 'ies'} failed too; nothing before this step is lost: "
                         "run the same thread again to resume from its last checkpoint") from None
                 self.retried += 1
