@@ -49,6 +49,27 @@ class AttentionControl:
     rows: torch.Tensor | None = None  # for each batch row of the current call, the bank row it reads
     kv_mode: Literal["concat", "replace"] = "concat"
     record_timesteps: set[int] | None = None  # None: record every timestep
+    # K/V of the memory for the current timestep: the guided and the unconditional pass of one step attend to the
+    # same memory rows, so to_k / to_v of it are computed once per step and layer (frozen weights: no graph)
+    kv_cache: dict = field(default_factory=dict)
+    kv_cache_timestep: int | None = None
+
+    def memory_kv(self, attn, name: str, device: torch.device, dtype: torch.dtype):
+        """(K, V) of the memory bank's rows for this call, or None when nothing was recorded for this step."""
+        if self.kv_cache_timestep != self.timestep:
+            self.kv_cache.clear()
+            self.kv_cache_timestep = self.timestep
+        key = (name, None if self.rows is None else id(self.rows), dtype)
+        if key not in self.kv_cache:
+            mem = self.bank.get(self.timestep, name, device)
+            if mem is None:
+                return None
+            mem = mem.to(dtype)
+            if self.rows is not None:
+                mem = mem.index_select(0, self.rows.to(mem.device))
+            with torch.no_grad():
+                self.kv_cache[key] = (attn.to_k(mem), attn.to_v(mem))
+        return self.kv_cache[key]
 
 
 class MemoryAttnProcessor:
@@ -79,12 +100,9 @@ class MemoryAttnProcessor:
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
         if c.mode == "inject":
-            mem = c.bank.get(c.timestep, self.name, hidden_states.device)
-            if mem is not None:
-                mem = mem.to(hidden_states.dtype)
-                if c.rows is not None:
-                    mem = mem.index_select(0, c.rows.to(mem.device))
-                mk, mv = attn.to_k(mem), attn.to_v(mem)
+            kv = c.memory_kv(attn, self.name, hidden_states.device, hidden_states.dtype)
+            if kv is not None:
+                mk, mv = kv
                 if c.kv_mode == "replace":
                     key, value = mk, mv
                 else:

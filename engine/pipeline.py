@@ -340,6 +340,7 @@ class DragEditor:
             uninstall_memory(c.unet)
             count_hook.remove()
             control.bank.clear()
+            control.kv_cache.clear()
 
         # 7. decode and map back to the input's size
         working = self._decode(latents)
