@@ -188,6 +188,53 @@ def test_http_through_the_proxy(serve_app):
     assert bad.failure is not None and "serves" in bad.failure.message
 
 
+@pytest.mark.slow
+@pytest.mark.services
+def test_agent_graph_and_dragbench_fan_out_sample_on_the_deployment(serve_app, tmp_path, monkeypatch):
+    """With LUCIDDRAG_SAMPLER set, the agent never loads the model itself: sampling and the critic's tracking both go
+    to the replica (the local loader is made to fail)."""
+    import luciddrag.agent.tools as tools
+    from luciddrag.agent.graph import build_graph
+    from luciddrag.evals.dragbench import runner
+    from luciddrag.evals.dragbench.fanout import edit_fanned_out, pending
+    from luciddrag.evals.dragbench.fixtures import fixture_tasks, write_dragbench
+    from luciddrag.evals.shapesworld.world import render_scene
+
+    def no_local_model(ctx):
+        raise AssertionError("the model was loaded in this process")
+
+    monkeypatch.setattr(tools, "get_editor", no_local_model)
+    monkeypatch.setenv("LUCIDDRAG_SAMPLER", f"serve:{APP}")
+    reset_clients()
+    sc = render_scene(5, n_shapes=1)
+    cx, cy = sc.shapes[0].centroid
+    ctx = AgentContext(model=serve_app["model"], device="cpu", steps=STEPS, locator="offline", reasoner="offline",
+                       critic_ensemble=1, max_attempts=1, artifacts_dir=str(tmp_path / "art"))
+    out = build_graph().invoke({"image": sc.image, "points": [(cx, cy), (cx - 12, cy)]}, context=ctx)
+    assert out["result"] is not None and len(out["attempts"]) == 1
+    assert out["attempts"][0].md_fraction is not None  # the critic tracked the handle (on the replica)
+
+    # DragBench: the fan-out names its sampler itself; edits land in the runner's layout and resume
+    monkeypatch.delenv("LUCIDDRAG_SAMPLER")
+    tasks = fixture_tasks(1)
+    bench = write_dragbench(tmp_path / "bench", tasks)
+    cfg = runner.RunConfig(data=str(bench), method="no-intention", model=serve_app["model"], device="cpu",
+                           steps=STEPS, metrics=["dai"], locator="offline", reasoner="offline")
+    run_dir = tmp_path / "run"
+    records = edit_fanned_out(cfg, run_dir, workers=2, sampler=f"serve:{APP}", log=lambda _: None)
+    assert len(records) == len(tasks) and all(r.result and not r.errors and r.attempts == 1 for r in records)
+    assert pending(cfg, run_dir) == [] and edit_fanned_out(cfg, run_dir, workers=2, sampler=f"serve:{APP}") == []
+
+    def no_edit(*a, **kw):
+        raise AssertionError("the runner edited a sample the fan-out had finished")
+
+    monkeypatch.setattr(runner, "edit_sample", no_edit)
+    scored = runner.run(cfg, run_dir, progress=False, log=lambda _: None)
+    assert len(scored) == len(tasks) and all(any(k.startswith("dai_") for k in r.metrics) for r in scored)
+    with pytest.raises(InputError, match="needs the sampler deployment"):
+        edit_fanned_out(cfg, tmp_path / "run2", workers=2, sampler="local")
+
+
 def _replica_pid(handle) -> tuple[int, str]:
     who = handle.whoami.remote().result(timeout_s=120)
     return who["pid"], who["replica"]
