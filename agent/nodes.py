@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from langgraph.runtime import Runtime
@@ -16,13 +16,12 @@ from langgraph.types import interrupt
 from PIL import Image
 
 from luciddrag.agent.artifacts import ArtifactStore, ImageRef
-from luciddrag.agent.context import AgentContext, resolve_context
+from luciddrag.agent.context import AgentContext, check_image_kind, check_model_path, resolve_context
 from luciddrag.agent.object_checks import object_checks
 from luciddrag.agent.state import AgentState, Attempt
 from luciddrag.agent.tools import sample_intentions, score_drag
 from luciddrag.engine.errors import InputError
-from luciddrag.engine.preprocess import MIN_SIDE, load_mask, open_image, to_rgb, validate_drags
-from luciddrag.engine.request import drags_from_points
+from luciddrag.engine.preprocess import MIN_SIDE, load_mask, open_image, resize_mask, scale_point, to_rgb
 from luciddrag.tools.locator import LocatorConfig, describe_image, locate
 from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason, select_intention
 from luciddrag.tools.schemas import DragPoints, Intention
@@ -56,24 +55,64 @@ def _emit(runtime: Runtime[AgentContext], **event: Any) -> None:
 
 # -- nodes ---------------------------------------------------------------------------------------------------------
 
-def ingest(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
-    """Validate the request at the graph's entry (same errors as the engine) and store images by reference."""
+MAX_INPUT_SIDE = 4096
+"""Working-size policy: a larger image is scaled down once at the entry (with a note), its points and mask with it.
+The engine works at the model's native size (~512 px) anyway; this bounds the memory of everything around it
+(decoding, restoring the result, tracking, contact sheets). Images PIL considers decompression bombs are refused."""
+
+
+class Request(NamedTuple):
+    """A checked request, in the (possibly scaled-down) working image's pixels."""
+
+    image: Image.Image  # RGB
+    alpha: Image.Image | None  # the input's alpha channel (re-attached to the results)
+    drags: DragPoints
+    mask: np.ndarray | None
+    notes: list[str]
+
+
+def check_request(state: dict, ctx: AgentContext) -> Request:
+    """Everything about a request that can be wrong, checked before any work (one clear InputError each): the
+    image (readable, big enough, of a kind the model can draw), the points (read once, inside the image, non-zero
+    drags), the mask. The CLI calls it before running the graph; `ingest` calls it at the graph's entry."""
     if state.get("image") is None:
         raise InputError("no image given: invoke with {'image': <path or PIL image>, 'points': [...]}")
-    image, _ = to_rgb(_image(state["image"]))
+    check_model_path(ctx.model)
+    image, alpha = to_rgb(_image(state["image"]))
     if min(image.size) < MIN_SIDE:
         raise InputError(f"image is {image.width}x{image.height}: too small, each side must be at least {MIN_SIDE} px")
-    pairs = drags_from_points(state.get("points") or [])
-    validate_drags(pairs, image.size)
-    drags = DragPoints.from_pairs([(p.handle, p.target) for p in pairs])
-    store = _store(runtime)
-    update: dict[str, Any] = {"image": store.put_image(image), "drags": drags, "warnings": [], "attempts": [],
-                              "tried": [], "prepared": {}, "result": None, "accepted": False, "chosen": None}
+    check_image_kind(ctx.model, image.size)
+    drags = DragPoints.parse(state.get("points"), image.size)
+    mask = None
     if state.get("mask") is not None:
-        m = load_mask(state["mask"] if not isinstance(state["mask"], (ImageRef, dict)) else _image(state["mask"]),
-                      image.size)
-        update["mask"] = store.put_image(Image.fromarray(m.astype(np.uint8) * 255))
-    update["status"] = f"{len(pairs)} drag(s) on a {image.width}x{image.height} image"
+        raw = state["mask"]
+        mask = load_mask(_image(raw) if isinstance(raw, (ImageRef, dict)) else raw, image.size)
+    notes: list[str] = []
+    if max(image.size) > MAX_INPUT_SIDE:
+        size = image.size
+        s = MAX_INPUT_SIDE / max(size)
+        new = (max(MIN_SIDE, round(size[0] * s)), max(MIN_SIDE, round(size[1] * s)))
+        image = image.resize(new, Image.Resampling.LANCZOS)
+        alpha = None if alpha is None else alpha.resize(new, Image.Resampling.LANCZOS)
+        drags = DragPoints.from_pairs([(scale_point(p.handle, size, new), scale_point(p.target, size, new))
+                                       for p in drags.pairs])
+        mask = None if mask is None else resize_mask(mask, size, new)
+        notes.append(f"image scaled from {size[0]}x{size[1]} to {new[0]}x{new[1]} (largest side at most "
+                     f"{MAX_INPUT_SIDE} px); the result is at that size")
+    return Request(image, alpha, drags, mask, notes)
+
+
+def ingest(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Validate the request at the graph's entry (`check_request`) and store images by reference."""
+    req = check_request(state, _ctx(runtime))
+    store = _store(runtime)
+    update: dict[str, Any] = {"image": store.put_image(req.image), "drags": req.drags, "warnings": req.notes,
+                              "attempts": [], "tried": [], "prepared": {}, "result": None, "accepted": False,
+                              "chosen": None, "alpha": None if req.alpha is None else store.put_image(req.alpha)}
+    if req.mask is not None:
+        update["mask"] = store.put_image(Image.fromarray(req.mask.astype(np.uint8) * 255))
+    w, h = req.image.size
+    update["status"] = f"{len(req.drags.pairs)} drag(s) on a {w}x{h} image"
     return update
 
 
@@ -293,7 +332,7 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     _emit(runtime, node="critique", message=f"{current.intention}: {verdict} ({current.reason})")
     update: dict[str, Any] = {"attempts": attempts}
     if verdict == "accepted":
-        return {**update, "accepted": True, "chosen": current, "result": current.image, "selected": None,
+        return {**update, "accepted": True, "chosen": current, "result": _with_alpha(state, current.image, runtime), "selected": None,
                 "status": f"accepted: {current.intention}"}
     nxt = None
     if len(attempts) < ctx.max_attempts:
@@ -302,9 +341,18 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         return {**update, "selected": nxt, "status": f"rejected {current.intention}; trying "
                                                      f"{state['intentions'][nxt].intention}"}
     best = min(attempts, key=lambda a: (a.md_fraction if a.md_fraction is not None else float("inf")))
-    return {**update, "accepted": False, "chosen": best, "result": best.image, "selected": None,
+    return {**update, "accepted": False, "chosen": best, "result": _with_alpha(state, best.image, runtime), "selected": None,
             "status": f"no attempt accepted after {len(attempts)}; returning the best ({best.intention}), "
                       "flagged as not accepted"}
+
+
+def _with_alpha(state: AgentState, ref: ImageRef, runtime: Runtime[AgentContext]) -> ImageRef:
+    """The result with the input's alpha channel re-attached (the engine edits the image composited on white)."""
+    if state.get("alpha") is None:
+        return ref
+    out = _image(ref).convert("RGBA")
+    out.putalpha(_image(state["alpha"]).convert("L").resize(out.size))
+    return _store(runtime).put_image(out)
 
 
 def _quality(ctx: AgentContext, image: Image.Image, prompt: str) -> tuple[float | None, float | None]:

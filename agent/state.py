@@ -41,6 +41,7 @@ class InputState(TypedDict, total=False):
 
 class AgentState(InputState, total=False):
     drags: DragPoints
+    alpha: ImageRef | None  # the input's alpha channel, re-attached to the result
     located: LocatorResult
     caption: str
     intentions: list[Intention]

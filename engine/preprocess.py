@@ -45,9 +45,19 @@ def open_image(src: Any, what: str = "image") -> Image.Image:
             with Image.open(path) as im:
                 im.load()
                 return im.copy()
+        except Image.DecompressionBombError as exc:  # PIL's guard against images that would fill the memory
+            raise InputError(f"{what} {path} is too large to open safely ({_bomb_size(exc)}; the limit is "
+                             f"{Image.MAX_IMAGE_PIXELS or 0:,} pixels): downscale it first") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"cannot read {what} {path}: not a readable image ({exc.__class__.__name__})") from None
     raise InputError(f"{what} must be a file path, a PIL image or a numpy array, got {type(src).__name__}")
+
+
+def _bomb_size(exc: Exception) -> str:
+    import re
+
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(m.group(1)):,} pixels" if m else "too many pixels"
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
@@ -87,7 +97,8 @@ def scale_point(p: Sequence[float], src: tuple[int, int], dst: tuple[int, int]) 
     return ((p[0] + 0.5) * dst[0] / src[0] - 0.5, (p[1] + 0.5) * dst[1] / src[1] - 0.5)
 
 
-def validate_drags(drags: Sequence[DragPair], size: tuple[int, int]) -> None:
+def check_inside(drags: Sequence[DragPair], size: tuple[int, int]) -> None:
+    """The one bounds rule for drag points: pixel centres, x in [0, w - 1] and y in [0, h - 1]."""
     w, h = size
     for i, d in enumerate(drags, 1):
         for name, (x, y) in (("handle", d.handle), ("target", d.target)):
@@ -96,6 +107,12 @@ def validate_drags(drags: Sequence[DragPair], size: tuple[int, int]) -> None:
                     f"drag {i}: {name} point ({x:g}, {y:g}) is outside the {w}x{h} image "
                     f"(x must be in [0, {w - 1}], y in [0, {h - 1}])"
                 )
+
+
+def validate_drags(drags: Sequence[DragPair], size: tuple[int, int]) -> None:
+    """Inside the image (`check_inside`) and of non-zero length."""
+    check_inside(drags, size)
+    for i, d in enumerate(drags, 1):
         if math.dist(d.handle, d.target) < 0.5:
             raise InputError(f"drag {i}: handle and target are the same point {d.handle}: a drag needs a length")
 

@@ -7,9 +7,10 @@ to its working resolution and back; callers never see the working size.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Literal, Sequence
+import numbers
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from luciddrag.engine.errors import InputError
@@ -133,29 +134,47 @@ class EditRequest(BaseModel):
             raise InputError(f"invalid edit request: {where}: {first.get('msg')}") from None
 
 
-def drags_from_points(points: Sequence[Sequence[float]]) -> list[DragPair]:
-    """Alternating handle/target points (DragBench's layout, the agent's `points`) -> drag pairs."""
-    pts = list(points)
+def _point(value: Any, k: int) -> Point:
+    """One (x, y) point of real numbers: strings, bools and anything not of length 2 are refused, never guessed
+    (float("120,80"[0]) would silently read a string point as 1)."""
+    if isinstance(value, (str, bytes)):
+        raise InputError(f"point {k} is a string {value!r}: give (x, y) numbers, e.g. [(120, 80), (160, 60)]")
+    try:
+        coords = [] if isinstance(value, dict) else list(value)
+    except TypeError:
+        raise InputError(f"point {k} is not two numbers (x, y): {value!r}") from None
+    if len(coords) != 2 or not all(isinstance(c, numbers.Real) and not isinstance(c, (bool, np.bool_))
+                                   for c in coords):
+        if any(isinstance(c, (str, bytes)) for c in coords):
+            raise InputError(f"point {k} has a string coordinate {value!r}: give (x, y) numbers")
+        raise InputError(f"point {k} is not two numbers (x, y): {value!r}")
+    return float(coords[0]), float(coords[1])
+
+
+def drags_from_points(points: Any) -> list[DragPair]:
+    """Alternating handle/target points (DragBench's layout, the agent's `points`: a list, tuple or (2N, 2) array)
+    -> drag pairs. The one reader of user points: it parses or refuses, never misreads."""
+    if points is None:
+        points = []
+    if isinstance(points, np.ndarray):
+        if points.size and (points.ndim != 2 or points.shape[1] != 2):
+            raise InputError(f"points array has shape {points.shape}: give (2N, 2), handle and target alternating")
+        points = points.tolist()
+    if isinstance(points, (str, bytes, dict)):
+        raise InputError(f"points must be a list of (x, y) pairs, not {type(points).__name__}")
+    try:
+        pts = list(points)
+    except TypeError:
+        raise InputError(f"points must be a list of (x, y) pairs, not {type(points).__name__}") from None
     if len(pts) == 0:
         raise InputError("no drag points given: pass handle and target points in pairs, e.g. [(hx, hy), (tx, ty)]")
     if len(pts) % 2:
-        raise InputError(f"got {len(pts)} points, an odd number: points come in (handle, target) pairs")
+        raise InputError(f"got {len(pts)} points, an odd number: points alternate handle, target (in pairs)")
     out = []
     for i in range(0, len(pts), 2):
-        try:
-            h = (float(pts[i][0]), float(pts[i][1]))
-            t = (float(pts[i + 1][0]), float(pts[i + 1][1]))
-        except (TypeError, ValueError, IndexError):
-            raise InputError(f"point pair {i // 2 + 1} is not two (x, y) numbers: {pts[i]!r}, {pts[i + 1]!r}") from None
+        h, t = _point(pts[i], i + 1), _point(pts[i + 1], i + 2)
         try:
             out.append(DragPair(handle=h, target=t))
         except ValidationError:
             raise InputError(f"point pair {i // 2 + 1} has a NaN or infinite coordinate: {h} -> {t}") from None
     return out
-
-
-def load_path_like(value: Any) -> Path | None:
-    """Return a Path when `value` names a file, else None."""
-    if isinstance(value, (str, Path)):
-        return Path(value)
-    return None

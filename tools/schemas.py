@@ -8,13 +8,13 @@ results in LangGraph checkpoints (plain JSON, no images or arrays) and show them
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from luciddrag.engine.errors import InputError
-from luciddrag.engine.request import DragPair  # re-exported: the tools speak the engine's drag type
+from luciddrag.engine.preprocess import check_inside, validate_drags
+from luciddrag.engine.request import DragPair, drags_from_points  # DragPair re-exported: one drag type
 
 Point = tuple[float, float]
 """A pixel position (x, y)."""
@@ -31,29 +31,27 @@ class DragPoints(BaseModel):
     pairs: Annotated[list[DragPair], Field(min_length=1)]
 
     @classmethod
-    def from_flat(cls, points: list[list[float]] | list[tuple[float, float]]) -> DragPoints:
-        """From DragBench's layout: a flat list alternating handle, target, handle, target, ..."""
-        if len(points) == 0 or len(points) % 2:
-            raise InputError(f"drag points must alternate handle/target; got {len(points)} points")
-        pairs = [DragPair(handle=tuple(points[i]), target=tuple(points[i + 1])) for i in range(0, len(points), 2)]
-        return cls(pairs=pairs)
+    def from_flat(cls, points: Any) -> DragPoints:
+        """From DragBench's layout: a flat list (or (2N, 2) array) alternating handle, target, handle, target, ...
+        Read by the engine's one point reader (strings, bools, NaN refused)."""
+        return cls(pairs=drags_from_points(points))
+
+    @classmethod
+    def parse(cls, points: Any, size: tuple[int, int]) -> DragPoints:
+        """The user's points for an image of `size`: read once, inside the image, each drag of non-zero length.
+        Raises ``InputError`` with one line otherwise."""
+        drags = cls.from_flat(points)
+        validate_drags(drags.pairs, size)
+        return drags
 
     @classmethod
     def from_pairs(cls, pairs: list[tuple[Point, Point]]) -> DragPoints:
         return cls(pairs=[DragPair(handle=h, target=t) for h, t in pairs])
 
     def check_inside(self, width: int, height: int) -> None:
-        """Raise ``InputError`` if any point lies outside a width x height image.
-
-        Points are pixel centres, so the valid range is [0, width - 1] x [0, height - 1] (with half a pixel of slack
-        for sub-pixel clicks on the last row/column).
-        """
-        for i, pair in enumerate(self.pairs, start=1):
-            for kind, (x, y) in (("handle", pair.handle), ("target", pair.target)):
-                if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
-                    raise InputError(
-                        f"{kind} {i} at ({x:g}, {y:g}) lies outside the {width}x{height} image"
-                    )
+        """Raise ``InputError`` if any point lies outside a width x height image (the engine's one bounds rule:
+        pixel centres, [0, width - 1] x [0, height - 1])."""
+        check_inside(self.pairs, (width, height))
 
 
 class Region(BaseModel):
