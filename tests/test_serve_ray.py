@@ -68,6 +68,18 @@ def test_get_sampler_is_in_process_by_default(monkeypatch):
     reset_clients()
 
 
+def test_serve_sampler_command():
+    from typer.testing import CliRunner
+
+    from luciddrag.agent.serving.cli import app
+
+    res = CliRunner().invoke(app, ["sampler", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    assert all(opt in res.output for opt in ("--address", "--replicas", "--gpus-per-replica", "--max-batch-size"))
+    bad = CliRunner().invoke(app, ["sampler", "--replicas", "0"])
+    assert bad.exit_code == 2
+
+
 def test_images_and_masks_cross_as_png_exactly():
     im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8))
     assert np.array_equal(np.asarray(image_from_b64(png_b64(im))), np.asarray(im))

@@ -18,6 +18,11 @@ from luciddrag.engine.errors import LucidDragError
 app = typer.Typer(help="Run parts of LucidDrag as services (Ray Serve).", no_args_is_help=True)
 
 
+@app.callback()
+def serve() -> None:
+    """Run parts of LucidDrag as services (Ray Serve); docs/scale-out.md."""
+
+
 @app.command("sampler")
 def sampler(
     model: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_MODEL", help="Base model id or folder."),
