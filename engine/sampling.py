@@ -116,8 +116,10 @@ def guidance_gradient(terms: Sequence[GuidanceTerm], ctx: GuidanceContext, edit_
     groups = backward_groups(terms, blend_outside)
     total = torch.zeros_like(ctx.latents)
     for k, (region, members) in enumerate(groups):
-        g, = torch.autograd.grad(torch.stack([energies[m.name].sum() for m in members]).sum(), ctx.latents,
-                                 retain_graph=k < len(groups) - 1, allow_unused=True)
+        energy = torch.stack([energies[m.name].sum() for m in members]).sum()
+        if not energy.requires_grad:  # no region to act on (content with the whole image editable): nothing to pull
+            continue
+        g, = torch.autograd.grad(energy, ctx.latents, retain_graph=k < len(groups) - 1, allow_unused=True)
         if g is None:
             continue
         mask = _mask_for(region, edit_mask)
