@@ -200,11 +200,3 @@ def zoomed_crop(image: Image.Image, handle: Point, index: int, *, fraction: floa
     overlay = drag_overlay(crop.size, [(local(handle), tgt)], numbers=True, start_index=index,
                            radius=1.4 * mark_radius(*crop.size))
     return Image.alpha_composite(crop.convert("RGBA"), overlay).convert("RGB"), box
-
-
-def draw_box(image: Image.Image, box: Box, colour: RGB = PALETTE[0], width: int | None = None) -> Image.Image:
-    """The image with a rectangle outline (e.g. the region a locator used)."""
-    out = image.convert("RGB").copy()
-    w = width if width is not None else max(1, round(min(out.size) / 160))
-    ImageDraw.Draw(out).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=colour, width=w)
-    return out

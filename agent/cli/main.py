@@ -41,9 +41,10 @@ def _context(model, device, steps, seed, k, attempts, locator, reasoner, **kw):
     from luciddrag.agent.context import AgentContext, model_defaults
 
     # the model folder's own recommendations (luciddrag.json) first; what the user typed wins
-    kw = {**model_defaults(model or AgentContext().model), **kw}
-    ctx = AgentContext(steps=steps, seed=seed, k=k, max_attempts=attempts, locator=locator, reasoner=reasoner,
-                       show_progress=True, **kw)
+    kw = {**model_defaults(model or AgentContext().model), **kw,
+          **dict(steps=steps, seed=seed, k=k, max_attempts=attempts, locator=locator, reasoner=reasoner,
+                 show_progress=True)}
+    ctx = AgentContext(**kw)
     if model:
         ctx.model = model
     if device:
@@ -52,11 +53,17 @@ def _context(model, device, steps, seed, k, attempts, locator, reasoner, **kw):
 
 
 def _run_agent(image, points, mask, prompt, intention, ctx, out: Path) -> dict:
-    """Run the drag-edit graph, printing its progress, and write the result, sheet and report."""
-    from luciddrag.agent.graph import build_graph
-    from luciddrag.agent.report import write_outputs
-    from luciddrag.engine.preprocess import open_image, to_rgb
+    """Run the drag-edit graph, printing its progress, and write the result, sheet and report.
 
+    Everything a user can get wrong is checked first (the output path, the image, points and mask, the model), so a
+    bad request fails in one line before any locating, reasoning or sampling."""
+    from luciddrag.agent.graph import build_graph
+    from luciddrag.agent.nodes import check_request
+    from luciddrag.agent.report import check_output_path, write_outputs
+    from luciddrag.agent.tools import get_editor
+    from luciddrag.tools.llm import LLMSettings
+
+    check_output_path(out)
     inp = {"image": image, "points": points}
     if mask is not None:
         inp["mask"] = mask
@@ -64,6 +71,12 @@ def _run_agent(image, points, mask, prompt, intention, ctx, out: Path) -> dict:
         inp["prompt"] = prompt
     if intention is not None:
         inp["intention"] = intention
+    req = check_request(inp, ctx)
+    get_editor(ctx)  # load the model before locate and reason: a missing model is found first
+    llm = ctx.llm or LLMSettings.from_env()
+    if llm.configured and "offline" not in (ctx.locator, ctx.reasoner):
+        typer.echo(f"  note: asking the LLM {llm.label()} (up to {llm.timeout_s:g} s per try, "
+                   f"{llm.max_retries + 1} tries; LUCIDDRAG_LLM_TIMEOUT) -- offline fallback if it does not answer")
     state: dict = {}
     for mode, chunk in build_graph().stream(inp, context=ctx, stream_mode=["updates", "custom", "values"]):
         if mode == "custom" and "message" in chunk:
@@ -72,7 +85,8 @@ def _run_agent(image, points, mask, prompt, intention, ctx, out: Path) -> dict:
             state = chunk
     for w in state.get("warnings") or []:
         typer.secho(f"  note: {w}", fg=typer.colors.YELLOW)
-    paths = write_outputs(out, to_rgb(open_image(image))[0], points, state)
+    flat = [p for pair in req.drags.pairs for p in (pair.handle, pair.target)]
+    paths = write_outputs(out, req.image, flat, state)
     verdict = "accepted" if state.get("accepted") else "NOT accepted (best attempt returned)"
     typer.echo(f"{verdict}: {state['chosen'].intention}")
     typer.echo(f"wrote {paths['result']}, {paths['sheet']}, {paths['report']}")
@@ -90,7 +104,7 @@ def edit(
     target_prompt: Optional[str] = typer.Option(None, help="... and as it should become (skips reasoning)."),
     model: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_MODEL", help="Hub id or local diffusers folder."),
     device: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_DEVICE", help="cpu, cuda, cuda:1 ... (default: auto)."),
-    steps: int = typer.Option(50, min=2, help="DDIM steps (the paper uses 50)."),
+    steps: int = typer.Option(50, min=2, envvar="LUCIDDRAG_STEPS", help="DDIM steps (the paper uses 50)."),
     seed: int = typer.Option(0, help="Random seed (sampling and intention choice)."),
     k: int = typer.Option(3, min=1, max=8, help="How many intentions to reason."),
     attempts: int = typer.Option(3, min=1, max=8, help="Attempt budget: intentions tried before giving up."),
@@ -173,6 +187,12 @@ def chat(
 
     try:
         ctx = _context(model, device, steps, 0, 3, 3, "auto", "auto")
+        if image is not None:  # a bad image fails here, before the thread is touched
+            from luciddrag.agent.context import check_image_kind, check_model_path
+            from luciddrag.engine.preprocess import open_image
+
+            check_model_path(ctx.model)
+            check_image_kind(ctx.model, open_image(image).size)
         g = build_chat_graph(checkpointer=make_checkpointer(db))
     except LucidDragError as exc:
         _fail(str(exc))
@@ -291,11 +311,22 @@ eval_app.command("agent-shapes")(agent_shapes.app)           # hidden-intent age
 
 
 def main() -> None:
+    """The console entry: Ctrl-C anywhere prints one line ("interrupted") and exits 130 (click would print
+    "Aborted!" or a traceback, depending on where it lands)."""
     try:
-        app()
+        rc = app(standalone_mode=False)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":  # click's Ctrl-C at a prompt
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click's usage errors: its message, exit code 2
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
