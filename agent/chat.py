@@ -20,14 +20,16 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
+from pydantic import ValidationError
 from typing_extensions import Annotated, TypedDict
 
 from luciddrag.agent.artifacts import ArtifactStore, ImageRef
-from luciddrag.agent.context import AgentContext, resolve_context
+from luciddrag.agent.context import AgentContext, check_image_kind, resolve_context
 from luciddrag.agent.grammar import HELP, TOOL_ACTIONS, EditAction, ReplyAction, parse_command
 from luciddrag.agent.graph import build_graph
 from luciddrag.agent.serde import with_artifact_serde
 from luciddrag.engine.errors import LucidDragError
+from luciddrag.tools.llm import LLM_SERVICE_ERRORS, describe_llm_error
 from luciddrag.tools.schemas import DragPoints, Intention
 
 
@@ -76,23 +78,38 @@ def _system_prompt(state: ChatState) -> str:
 
 
 def understand(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
-    """Turn the user's last message into one action (LLM tool call, or the offline grammar)."""
+    """Turn the user's last message into one action (LLM tool call, or the offline grammar).
+
+    A new image that cannot be used (unreadable, not of a kind the model draws) is answered with one line and not
+    kept as the session's image; an LLM that does not answer falls back to the offline grammar with a note."""
+    ctx = resolve_context(runtime.context)
     update: dict[str, Any] = {}
     img = state.get("image")
     if img is not None and not isinstance(img, (ImageRef, dict)):
         from luciddrag.agent.nodes import _image
 
-        store = ArtifactStore(resolve_context(runtime.context).artifacts_dir)
-        update["image"] = store.put_image(_image(img).convert("RGB"))
+        try:
+            im = _image(img)
+            check_image_kind(ctx.model, im.size)
+        except LucidDragError as exc:
+            return {"image": None, "messages": [AIMessage(content=f"I can't use that image: {exc}")],
+                    "action": None, "offline": True}
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")  # alpha kept: the edit re-attaches it
+        update["image"] = ArtifactStore(ctx.artifacts_dir).put_image(im)
     elif isinstance(img, dict):
         update["image"] = ImageRef.model_validate(img)
     text = next((m.content for m in reversed(state["messages"]) if isinstance(m, HumanMessage)), "")
-    model = _chat_model(resolve_context(runtime.context))
+    model = _chat_model(ctx)
     if model is None:
         action = parse_command(str(text))
         return {**update, "action": action.model_dump(), "offline": True}
     bound = model.bind_tools(list(TOOL_ACTIONS.values()))
-    reply = bound.invoke([SystemMessage(_system_prompt({**state, **update})), *state["messages"]])
+    try:
+        reply = bound.invoke([SystemMessage(_system_prompt({**state, **update})), *state["messages"]])
+    except LLM_SERVICE_ERRORS as exc:
+        note = AIMessage(content=f"(the LLM did not answer -- {describe_llm_error(exc)}; using the offline command "
+                                 "grammar for this message)")
+        return {**update, "messages": [note], "action": parse_command(str(text)).model_dump(), "offline": True}
     calls = getattr(reply, "tool_calls", None) or []
     if not calls:
         return {**update, "messages": [reply], "action": ReplyAction(text=str(reply.content)).model_dump(),
@@ -101,12 +118,20 @@ def understand(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     kind = next((k for k, cls in TOOL_ACTIONS.items() if cls.__name__ == call["name"] or k == call["name"]), None)
     if kind is None:
         return {**update, "messages": [reply], "action": ReplyAction(text=f"(unknown tool {call['name']})").model_dump()}
-    action = TOOL_ACTIONS[kind].model_validate({**call["args"], "kind": kind})
+    try:
+        action = TOOL_ACTIONS[kind].model_validate({**call["args"], "kind": kind})
+    except ValidationError as exc:  # e.g. try_option with index 0: say so instead of failing the turn
+        first = exc.errors()[0]
+        text = f"I can't do that: {kind} {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        return {**update, "messages": [reply, ToolMessage(content=text, tool_call_id=call["id"]),
+                                       AIMessage(content=text)], "action": None, "offline": False}
     return {**update, "messages": [reply], "action": {**action.model_dump(), "tool_call_id": call["id"]},
             "offline": False}
 
 
 def route(state: ChatState) -> str:
+    if state.get("action") is None:  # understand already answered (an unusable image, a refused tool call)
+        return "reply"
     kind = (state.get("action") or {}).get("kind")
     return {"reply": "reply", "options": "propose"}.get(kind, "act")
 
@@ -123,6 +148,8 @@ def _say(state: ChatState, text: str, **extra: Any) -> dict:
 
 
 def reply(state: ChatState) -> dict:
+    if state.get("action") is None:
+        return {}
     action = state.get("action") or {}
     if state.get("offline"):
         return {"messages": [AIMessage(content=action.get("text") or HELP)], "action": None}
@@ -220,6 +247,8 @@ def act(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     else:
         return _say(state, HELP)
     try:
+        ref = ImageRef.model_validate(base) if isinstance(base, dict) else base
+        DragPoints.parse(points, (ref.width, ref.height))  # refuse a bad drag before any work
         out = _run_edit(state, runtime, base, points, intention, mask)
     except LucidDragError as exc:
         return _say(state, f"I can't do that: {exc}")

@@ -69,7 +69,9 @@ TOOL_ACTIONS = {"edit": EditAction, "options": OptionsAction, "try_option": TryO
 HELP = ("Offline mode (no LLM configured): say 'drag X,Y to X,Y' (add 'and X,Y to X,Y' for more), "
         "'options for X,Y to X,Y', 'try the second idea', 'make it bigger instead', 'a bit further', 'undo'.")
 
-_NUM = r"(-?\d+(?:\.\d+)?)"
+# A whole number token: "1e5" is read as 100000 (then refused as outside the image), never as its tail "5"; "12a"
+# or "1.5.5" are not numbers at all. The lookarounds keep a match from starting or ending inside a longer token.
+_NUM = r"(?<![\w.])(-?\d+(?:\.\d+)?(?:e[+-]?\d+)?)(?![\w.])"
 _PAIR = rf"\(?\s*{_NUM}\s*,\s*{_NUM}\s*\)?\s*(?:to|->|→)\s*\(?\s*{_NUM}\s*,\s*{_NUM}\s*\)?"
 _ORD = {"first": 1, "1st": 1, "second": 2, "2nd": 2, "third": 3, "3rd": 3, "fourth": 4, "4th": 4, "last": -1}
 
@@ -82,9 +84,15 @@ def parse_points(text: str) -> list[Pt]:
     return pts
 
 
+MAX_COMMAND_CHARS = 2000  # a command is a sentence; anything longer is not one (and bounds the regex work)
+
+
 def parse_command(text: str) -> Action:
     """Deterministic: the same text always gives the same action."""
     t = text.strip().lower()
+    if len(t) > MAX_COMMAND_CHARS:
+        return ReplyAction(text=f"That message is {len(t):,} characters; offline I understand short commands "
+                                f"(under {MAX_COMMAND_CHARS}). {HELP}")
     pts = parse_points(t)
     if re.search(r"\bundo\b|\bgo back\b|\brevert\b", t):
         return UndoAction()
@@ -93,7 +101,10 @@ def parse_command(text: str) -> Action:
     m = re.search(r"\btry\b.*?\b(first|1st|second|2nd|third|3rd|fourth|4th|last|\d+)\b", t)
     if m:
         word = m.group(1)
-        return TryOptionAction(index=int(word) if word.isdigit() else max(_ORD[word], 1))
+        index = int(word) if word.isdigit() else max(_ORD[word], 1)
+        if index < 1 or t[m.start(1) - 1] == "-":
+            return ReplyAction(text="Ideas are numbered from 1: say 'try the first idea' or 'try 2'.")
+        return TryOptionAction(index=index)
     if re.search(r"\bfurther\b|\bfarther\b|\bmore\b", t) and not pts:
         return FurtherAction(factor=2.0 if re.search(r"\bmuch\b|\ba lot\b", t) else 1.5)
     if re.search(r"\bless\b|\bnot so far\b|\bhalf\b", t) and not pts:

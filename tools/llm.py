@@ -2,7 +2,7 @@
 
 Any OpenAI-compatible server works: OpenAI itself, or a local vLLM / Ollama / llama.cpp server through ``base_url``.
 Settings come from arguments first, then the environment (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
-``LUCIDDRAG_LLM_MODEL``, ``LUCIDDRAG_VISION_MODEL``, ``LUCIDDRAG_STRUCTURED_OUTPUT``).
+``LUCIDDRAG_LLM_MODEL``, ``LUCIDDRAG_VISION_MODEL``, ``LUCIDDRAG_STRUCTURED_OUTPUT``, ``LUCIDDRAG_LLM_TIMEOUT``).
 
 Retries: timeouts, connection errors, 408/409/429 and 5xx answers are retried by the ``openai`` client itself,
 ``max_retries`` times, with exponential backoff (0.5 s doubling to at most 8 s, with jitter) or the server's
@@ -20,9 +20,12 @@ import openai
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field, SecretStr
 
+from luciddrag.engine.errors import InputError
+
 StructuredMethod = Literal["json_schema", "function_calling"]
 
 DEFAULT_MODEL = "gpt-4.1-mini"
+DEFAULT_TIMEOUT_S = 15.0  # per try; with one retry a dead server costs at most 30 s per call
 # Local servers ignore the key but the openai client refuses to start without one.
 LOCAL_PLACEHOLDER_KEY = "not-needed"
 
@@ -38,9 +41,10 @@ class LLMSettings(BaseModel):
     api_key: SecretStr | None = None
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     """Some randomness helps the reasoner propose genuinely different intentions."""
-    timeout_s: float = Field(default=60.0, gt=0)
-    """Per request (each retry gets its own)."""
-    max_retries: int = Field(default=3, ge=0, le=10)
+    timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0)
+    """Per request (each retry gets its own); ``LUCIDDRAG_LLM_TIMEOUT``. Short by default: a silent server must not
+    block an edit for minutes (the callers fall back to the offline backends with a note)."""
+    max_retries: int = Field(default=1, ge=0, le=10)
     structured_output: StructuredMethod = "json_schema"
     """``json_schema`` (OpenAI, vLLM, recent llama.cpp) or ``function_calling`` (servers without JSON-schema mode)."""
 
@@ -59,6 +63,13 @@ class LLMSettings(BaseModel):
             env["vision_model"] = vision
         if method := os.environ.get("LUCIDDRAG_STRUCTURED_OUTPUT"):
             env["structured_output"] = method
+        if timeout := os.environ.get("LUCIDDRAG_LLM_TIMEOUT"):
+            try:
+                env["timeout_s"] = float(timeout)
+            except ValueError:
+                raise InputError(f"LUCIDDRAG_LLM_TIMEOUT={timeout!r} is not a number of seconds") from None
+            if not env["timeout_s"] > 0:
+                raise InputError(f"LUCIDDRAG_LLM_TIMEOUT={timeout!r} must be a positive number of seconds")
         return cls.model_validate({**env, **given})
 
     @property
