@@ -26,6 +26,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from luciddrag.engine.errors import InputError
+from luciddrag.engine.preprocess import open_image
 
 Format = Literal["dragbench", "drag100"]
 
@@ -120,13 +121,23 @@ def _points(raw: Any, where: str) -> list[tuple[float, float]]:
         raise InputError(f"{where}: points must be a list of [x, y] pairs") from None
     if not pts or len(pts) % 2:
         raise InputError(f"{where}: {len(pts)} points; they must alternate handle/target (an even, non-zero number)")
+    if not np.isfinite(np.asarray(pts)).all():  # NaN / inf / null would be stored as null and break every resume
+        raise InputError(f"{where}: a point has a missing, NaN or infinite coordinate")
     return pts
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """The image's size, reading it fully: a corrupt or truncated file is one clear error here, not a PIL traceback
+    in the middle of a run."""
+    return open_image(path).size
 
 
 def _mask_array(raw: Any, size: tuple[int, int], where: str) -> np.ndarray | None:
     if raw is None:
         return None
     arr = np.asarray(raw)
+    if arr.dtype.kind not in "biuf" or arr.ndim not in (2, 3):
+        raise InputError(f"{where}: mask must be an HxW array of numbers, got {type(raw).__name__} {arr.shape}")
     if arr.ndim == 3:  # an RGB(A)-like mask: any channel set
         arr = arr.max(axis=-1)
     w, h = size
@@ -150,8 +161,7 @@ def load_dragbench_sample(folder: Path, category: str) -> Sample:
     if not image.is_file() or not meta_path.is_file():
         raise InputError(f"{folder}: a DragBench sample needs original_image.png and meta_data.pkl")
     meta = read_meta(meta_path)
-    with Image.open(image) as im:
-        size = im.size
+    size = _image_size(image)
     return Sample(sample_id=f"{category}/{folder.name}", category=category, name=folder.name, image_path=image,
                   prompt=str(meta.get("prompt") or ""), points=_points(meta["points"], str(meta_path)),
                   mask=_mask_array(meta.get("mask"), size, str(meta_path)), format="dragbench")
@@ -174,12 +184,11 @@ def load_drag100_sample(folder: Path) -> Sample:
         raise InputError(f"{pts_path}: not JSON ({exc})") from None
     if not isinstance(data, dict) or "points" not in data:
         raise InputError(f"{pts_path}: expected {{\"points\": [[x, y], ...]}}")
-    with Image.open(image) as im:
-        size = im.size
+    size = _image_size(image)
     mask = None
     if (folder / "mask.png").is_file():
-        with Image.open(folder / "mask.png") as m:
-            mask = _mask_array(np.asarray(m.convert("L")), size, str(folder / "mask.png"))
+        m = open_image(folder / "mask.png", what="mask")
+        mask = _mask_array(np.asarray(m.convert("L")), size, str(folder / "mask.png"))
     return Sample(sample_id=f"{drag100_category(folder.name)}/{folder.name}", category=drag100_category(folder.name),
                   name=folder.name, image_path=image, prompt=str(data.get("prompt") or ""),
                   points=_points(data["points"], str(pts_path)), mask=mask, format="drag100")
