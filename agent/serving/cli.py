@@ -62,3 +62,7 @@ def sampler(
         serve.shutdown()
         ray.shutdown()
     typer.echo("sampler stopped")
+
+
+if __name__ == "__main__":  # `python -m luciddrag.agent.serving.cli sampler ...`, same as `luciddrag serve sampler`
+    app()
