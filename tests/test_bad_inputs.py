@@ -343,6 +343,7 @@ def test_interrupted_save_leaves_previous_result(tmp_path, monkeypatch):
     out = tmp_path / "edited.png"
     Image.new("RGB", (64, 64), "blue").save(out)
     before = out.read_bytes()
+    state = _fake_state(tmp_path)  # stored before saving is broken
     real_save = Image.Image.save
 
     def interrupted_save(self, fp, *a, **kw):
@@ -352,9 +353,10 @@ def test_interrupted_save_leaves_previous_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        report.write_outputs(out, Image.new("RGB", (64, 64)), [(1, 1), (5, 5)], _fake_state(tmp_path))
+        report.write_outputs(out, Image.new("RGB", (64, 64)), [(1, 1), (5, 5)], state)
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["edited.png"]  # no temporary left
 
 
 def test_contact_sheet_of_a_huge_image_stays_small(tmp_path):
