@@ -65,23 +65,31 @@ def app(
     from luciddrag.evals.shapesworld import MODEL_DIR
 
     tasks = suite.generate_agent_tasks(n, seed_base if seed_base is not None else suite.AGENT_SEED_BASE, fams)
-    mine = tasks[k::of]
+    # interleaved across families, so that a run stopped early (the JSON is rewritten after every task) is balanced
+    mine = sorted(tasks[k::of], key=lambda t: (int(t.task.task_id.rsplit("-", 1)[1]), suite.FAMILIES.index(t.family)))
     sheet_ids = {t.task.task_id for f in fams for t in [x for x in mine if x.family == f][:sheet_tasks]}
     ctx = AgentContext(model=str(MODEL_DIR), device="cpu", steps=steps, max_attempts=attempts, locator="offline",
                        reasoner="offline", selection="argmax", critic_regions=critic_regions, judge="off",
                        artifacts_dir=str(out / "artifacts"), **model_defaults(MODEL_DIR))
+    meta = {"n_per_family": n, "families": fams, "rows": want, "steps": steps, "attempts": attempts,
+            "seed_base": seed_base, "shard": f"{k}/{of}", "critic_regions": critic_regions,
+            "guidance": ctx.guidance.model_dump(), "guidance_scale": ctx.guidance_scale}
+    recs: list = []
+
+    def save(rec) -> None:
+        recs.append(rec)
+        suite.write_report(out, recs, meta)
+
     try:
         editor = get_editor(ctx)
         first = [t for t in mine if t.task.task_id in sheet_ids]
         rest = [t for t in mine if t.task.task_id not in sheet_ids]
         # the sheet's tasks first so their images are kept; then the rest
-        recs, kept = suite.run_suite(first, editor, ctx, want, keep_images=len(first))
-        recs += suite.run_suite(rest, editor, ctx, want)[0]
+        kept = suite.run_suite(first, editor, ctx, want, keep_images=len(first), on_record=save)[1]
+        suite.write_report(out, recs, meta, kept)
+        suite.run_suite(rest, editor, ctx, want, on_record=save)
     except LucidDragError as exc:
         fail(str(exc))
-    meta = {"n_per_family": n, "families": fams, "rows": want, "steps": steps, "attempts": attempts,
-            "seed_base": seed_base, "shard": f"{k}/{of}", "critic_regions": critic_regions,
-            "guidance": ctx.guidance.model_dump(), "guidance_scale": ctx.guidance_scale}
     suite.write_report(out, recs, meta, kept)
     typer.echo(suite.table(recs, want) + "\n\n" + suite.breakdown(recs, want))
     typer.echo(f"wrote {out / 'agent_shapes.json'}, {out / 'agent_shapes.md'}")
