@@ -9,6 +9,7 @@ batched pass), and all target prompts are sampled together.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from luciddrag.engine.energies import drag_scale, patch_offsets, region_offsets, scale_about
@@ -216,24 +218,79 @@ def quality_guidance_terms(quality: QualityGuidance, components: Components, kin
                          motion=kind, motions=quality.motions)
 
 
+log = logging.getLogger("luciddrag.engine")
+
+
 def _is_oom(exc: BaseException) -> bool:
     msg = str(exc).lower()
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg or "can't allocate" in msg
 
 
+class EngineOptions(BaseModel):
+    """Speed and memory switches of an editor. The defaults give exactly the reference numbers; each switch's effect
+    on time and peak memory is measured by `luciddrag bench engine` (docs/performance.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the UNet blocks' activations in the guidance backward instead of keeping them "
+                           "(diffusers' gradient checkpointing): less memory, about one more forward per guided step.")
+    prune_tail: bool = Field(
+        True, description="Run the UNet blocks after the last feature block without an autograd graph (exact).")
+    channels_last: bool = Field(False, description="UNet weights and latents in channels_last memory format.")
+    compile: bool = Field(False, description="torch.compile the UNet (first edits pay the compilation).")
+    max_batch: int | None = Field(
+        None, ge=1, description="At most this many intentions per sampling batch (None: all at once, halved "
+                                "automatically when the device runs out of memory).")
+
+
 # -- the editor ---------------------------------------------------------------------------------------------------
+
+def apply_options(unet, options: EngineOptions) -> None:
+    """Switch the UNet's memory/speed features on as the options say (the editor owns its components)."""
+    if options.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if options.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if options.compile and not getattr(unet, "_luciddrag_compiled", False):
+        # forward hooks and attention processors stay Python: compile the blocks' arithmetic, not our control flow
+        unet.compile()
+        unet._luciddrag_compiled = True  # noqa: SLF001 - our own attribute
+
+
+def merge_diagnostics(per_batch: list[list[dict]]) -> list[dict]:
+    """Per-step records of several intention batches as one: energies concatenated in intention order."""
+    if len(per_batch) == 1:
+        return per_batch[0]
+    merged = []
+    for records in zip(*per_batch):
+        step = dict(records[0])
+        for rec in records[1:]:
+            for k, v in rec.items():
+                if isinstance(v, list):
+                    step[k] = step.get(k, []) + v
+        merged.append(step)
+    return merged
+
+
+def batch_chunks(n: int, size: int) -> list[range]:
+    """Consecutive chunks of at most `size` of range(n)."""
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
 
 class DragEditor:
     """Drag editing on an SD-architecture model. Thread-unsafe: one edit at a time per editor."""
 
-    def __init__(self, components: Components, show_progress: bool = True) -> None:
+    def __init__(self, components: Components, show_progress: bool = True, options: EngineOptions | None = None) -> None:
         self.c = components
         self.show_progress = show_progress
+        self.options = options or EngineOptions()
+        apply_options(self.c.unet, self.options)
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                        show_progress: bool = True) -> "DragEditor":
-        return cls(load_components(model, device, dtype), show_progress=show_progress)
+                        show_progress: bool = True, options: EngineOptions | None = None) -> "DragEditor":
+        return cls(load_components(model, device, dtype), show_progress=show_progress, options=options)
 
     # public API ------------------------------------------------------------------------------------------------
     def edit(self, request: EditRequest, intentions: Sequence[tuple[str, str]] | None = None,
@@ -299,7 +356,7 @@ class DragEditor:
         counter = {"forward": 0}
         count_hook = c.unet.register_forward_pre_hook(lambda *_: counter.__setitem__("forward", counter["forward"] + 1))
         install_memory(c.unet, control)
-        tap = FeatureTap(c.unet, cfg.feature_blocks)
+        tap = FeatureTap(c.unet, cfg.feature_blocks, prune_tail=self.options.prune_tail)
         try:
             # 4. invert with the source prompt(s), filling the memory bank and the reference features
             t0 = time.perf_counter()
@@ -321,18 +378,42 @@ class DragEditor:
                                        regions=prep.handle_masks, vacate=cfg.vacate_noise, generator=gen,
                                        scales=scales)
 
-            # 6. sample with the target prompt(s): Algorithm 1
-            plan = SamplingPlan(
-                timesteps=tuple(timesteps), scheduler=scheduler, alphas_cumprod=alphas, prediction_type=pred_type,
-                text_embeddings=tgt_emb, null_embeddings=null_emb, guidance_scale=request.guidance_scale, rows=rows,
-                ref_features=ref_feats, kv_timesteps=frozenset(kv_ts), geometry=geometry,
-                edit_mask=F.adaptive_max_pool2d(geometry.editable[None, None], latents.shape[-2:])[0, 0],
-                trajectory=tuple(z.index_select(0, rows) for z in trajectory) if cfg.blend_outside else None,
-            )
+            # 6. sample with the target prompt(s): Algorithm 1, in batches of intentions that fit in memory
+            edit_mask = F.adaptive_max_pool2d(geometry.editable[None, None], latents.shape[-2:])[0, 0]
             t0 = time.perf_counter()
-            out = collaborative_guidance_sample(self._unet_call(control, tap, rows), latents, plan, terms, callback,
-                                                progress=self.show_progress)
-            latents, diagnostics = out.latents, out.diagnostics
+            size = min(self.options.max_batch or len(pairs), len(pairs))
+            done: list[tuple[range, object]] = []
+            todo = batch_chunks(len(pairs), size)
+            while todo:
+                chunk = todo.pop(0)
+                idx = torch.tensor(list(chunk), device=c.device)
+                plan = SamplingPlan(
+                    timesteps=tuple(timesteps), scheduler=scheduler, alphas_cumprod=alphas, prediction_type=pred_type,
+                    text_embeddings=tgt_emb[idx], null_embeddings=null_emb[idx], guidance_scale=request.guidance_scale,
+                    rows=rows[idx], ref_features=ref_feats, kv_timesteps=frozenset(kv_ts), geometry=geometry,
+                    edit_mask=edit_mask,
+                    trajectory=tuple(z.index_select(0, rows[idx]) for z in trajectory) if cfg.blend_outside else None,
+                )
+                try:
+                    out = collaborative_guidance_sample(self._unet_call(control, tap, plan.rows), latents[idx], plan,
+                                                        terms, callback, progress=self.show_progress)
+                except RuntimeError as exc:
+                    if not _is_oom(exc) or len(chunk) == 1:
+                        raise
+                    del plan
+                    control.kv_cache.clear()
+                    if c.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    half = (len(chunk) + 1) // 2
+                    log.warning("out of memory sampling %d intentions at once on %s: splitting into batches of %d",
+                                len(chunk), c.device, half)
+                    todo = [range(chunk.start, chunk.start + half), range(chunk.start + half, chunk.stop), *todo]
+                    continue
+                control.kv_cache.clear()
+                done.append((chunk, out))
+            latents = torch.cat([o.latents for _, o in done])
+            diagnostics = merge_diagnostics([o.diagnostics for _, o in done])
+            backwards = sum(o.backward_passes for _, o in done)
             t_sample = time.perf_counter() - t0
             bank_bytes = control.bank.nbytes()
         finally:
@@ -347,7 +428,8 @@ class DragEditor:
         images = [restore(im, prep) for im in working]
         stats = {
             "invert_s": t_invert, "sample_s": t_sample, "total_s": time.perf_counter() - t_start,
-            "unet_forward": counter["forward"], "unet_backward": out.backward_passes, "steps": steps,
+            "unet_forward": counter["forward"], "unet_backward": backwards, "steps": steps,
+            "sample_batches": [len(ch) for ch, _ in done],
             "memory_bank_mb": bank_bytes / 2**20, "working_size": prep.working_size,
             "intentions": len(pairs), "inversions": len(sources),
         }
