@@ -16,7 +16,7 @@ from luciddrag.engine.discriminator import Motion
 from luciddrag.engine.errors import InputError, ModelLoadError
 from luciddrag.engine.loading import DEFAULT_MODEL
 from luciddrag.engine.presets import folder_settings, recommended_settings
-from luciddrag.engine.request import GuidanceConfig
+from luciddrag.engine.request import DEFAULT_GUIDANCE_SCALE, GuidanceConfig
 from luciddrag.tools.critic import RegionCriticConfig
 from luciddrag.tools.llm import LLMSettings
 
@@ -45,7 +45,7 @@ class AgentContext:
     dtype: str | None = None
     # sampling
     steps: int = field(default_factory=lambda: _env_int("LUCIDDRAG_STEPS", 50, 2))
-    guidance_scale: float = 5.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     seed: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     fast: bool = False  # fast mode: at most 25 sampling steps, guidance schedule scaled to them (EditRequest.fast)

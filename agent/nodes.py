@@ -332,7 +332,8 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     _emit(runtime, node="critique", message=f"{current.intention}: {verdict} ({current.reason})")
     update: dict[str, Any] = {"attempts": attempts}
     if verdict == "accepted":
-        return {**update, "accepted": True, "chosen": current, "result": _with_alpha(state, current.image, runtime), "selected": None,
+        return {**update, "accepted": True, "chosen": current, "selected": None,
+                "result": _with_alpha(state, current.image, runtime),
                 "status": f"accepted: {current.intention}"}
     nxt = None
     if len(attempts) < ctx.max_attempts:
@@ -341,7 +342,8 @@ def critique_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         return {**update, "selected": nxt, "status": f"rejected {current.intention}; trying "
                                                      f"{state['intentions'][nxt].intention}"}
     best = min(attempts, key=lambda a: (a.md_fraction if a.md_fraction is not None else float("inf")))
-    return {**update, "accepted": False, "chosen": best, "result": _with_alpha(state, best.image, runtime), "selected": None,
+    return {**update, "accepted": False, "chosen": best, "selected": None,
+            "result": _with_alpha(state, best.image, runtime),
             "status": f"no attempt accepted after {len(attempts)}; returning the best ({best.intention}), "
                       "flagged as not accepted"}
 

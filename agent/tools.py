@@ -1,7 +1,7 @@
 """The agent's tools: locator, reasoner, sampler, scorer.
 
-Each is a plain typed function (what the graph's nodes call, with the run's context) plus a LangChain tool wrapping
-it with JSON-friendly arguments (file paths, point lists) for a tool-calling chat model.
+Each is a plain typed function that the graph's nodes call with the run's context. (The chat model's tools are the
+chat actions in agent/grammar.py; these functions are not exposed to it directly.)
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from langchain_core.tools import tool
 from PIL import Image
 
-from luciddrag.agent.artifacts import ArtifactStore, ImageRef
 from luciddrag.agent.context import AgentContext
 from luciddrag.agent.serving.client import get_sampler
 from luciddrag.engine.pipeline import DragEditor, EditResult, StepEvent, quality_guidance_terms
 from luciddrag.engine.request import EditRequest, QualityGuidance
-from luciddrag.engine.tracking import track_points
+from luciddrag.engine.tracking import point_distances, track_points
 from luciddrag.tools.schemas import DragPoints, Intention
 
 _lock = threading.Lock()
@@ -93,63 +91,6 @@ def score_drag(ctx: AgentContext, original: Image.Image, edited: Image.Image, dr
             found = track_points(editor.c, original, edited, [p.handle for p in drags.pairs], prompt=prompt,
                                  t=ctx.critic_timestep, up_block=ctx.critic_block, ensemble=ctx.critic_ensemble,
                                  seed=ctx.seed, radii=radii)
-    dists = [float(np.hypot(f[0] - p.target[0], f[1] - p.target[1])) for f, p in zip(found, drags.pairs)]
+    dists = point_distances(found, [p.target for p in drags.pairs])
     fractions = [d / max(p.length, 1e-6) for d, p in zip(dists, drags.pairs)]
     return {"tracked": found, "md_px": float(np.mean(dists)), "md_fraction": float(np.mean(fractions))}
-
-
-# -- LangChain tools (for a tool-calling chat model) -------------------------------------------------------------
-
-def _store(ctx: AgentContext) -> ArtifactStore:
-    return ArtifactStore(ctx.artifacts_dir)
-
-
-@tool
-def locate_handles(image_path: str, points: list[list[float]], mask_path: str | None = None) -> dict:
-    """Describe the object under each handle point. points alternate handle and target: [[hx, hy], [tx, ty], ...]."""
-    from luciddrag.tools.locator import LocatorConfig, locate
-
-    ctx = AgentContext()
-    res = locate(image_path, DragPoints.from_flat(points), mask_path, LocatorConfig(backend=ctx.locator, llm=ctx.llm))
-    return res.model_dump(exclude={"descriptions": {"__all__": {"region": {"mask_rle"}}}})
-
-
-@tool
-def reason_intentions(image_path: str, points: list[list[float]], caption: str | None = None, k: int = 3) -> dict:
-    """Propose k intentions for a drag (what the user probably means), each with source/target prompts and a
-    confidence. caption: a description of the whole image, if known."""
-    from luciddrag.tools.locator import LocatorConfig, describe_image, locate
-    from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
-
-    ctx = AgentContext()
-    drags = DragPoints.from_flat(points)
-    located = locate(image_path, drags, None, LocatorConfig(backend=ctx.locator, llm=ctx.llm))
-    text, _ = describe_image(image_path, caption, located=located)
-    res = reason(ReasonRequest(drags=drags, located=located, caption=text, k=k),
-                 ReasonerConfig(backend=ctx.reasoner, llm=ctx.llm))
-    return res.model_dump()
-
-
-@tool
-def drag_edit(image_path: str, points: list[list[float]], source_prompt: str, target_prompt: str,
-              mask_path: str | None = None, steps: int = 50, seed: int = 0) -> dict:
-    """Edit the image so the content at each handle moves to its target, steered from source_prompt (the image as
-    it is) to target_prompt (as it should become). Returns the path of the edited image."""
-    ctx = AgentContext(steps=steps, seed=seed)
-    drags = DragPoints.from_flat(points)
-    res = sample_intentions(ctx, Image.open(image_path), drags, mask_path and np.asarray(Image.open(mask_path)) > 0,
-                            [Intention(intention="edit", source_prompt=source_prompt, target_prompt=target_prompt,
-                                       confidence=1.0)])
-    ref: ImageRef = _store(ctx).put_image(res.image)
-    return {"edited_image_path": ref.path, "seconds": round(res.stats["total_s"], 2)}
-
-
-@tool
-def score_edit(original_path: str, edited_path: str, points: list[list[float]], prompt: str = "") -> dict:
-    """Check a drag edit: where did each handle's content land, and how far from its target (pixels, and as a
-    fraction of the drag length; below ~0.5 counts as arrived)."""
-    ctx = AgentContext()
-    return score_drag(ctx, Image.open(original_path), Image.open(edited_path), DragPoints.from_flat(points), prompt)
-
-
-TOOLS = [locate_handles, reason_intentions, drag_edit, score_edit]

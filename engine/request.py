@@ -80,6 +80,10 @@ class GuidanceConfig(BaseModel):
     auto_mask_min: float = Field(0.1, ge=0, description="... and at least this fraction of the image's short side.")
 
 
+DEFAULT_GUIDANCE_SCALE = 5.0
+"""Classifier-free guidance scale when neither the model's settings nor the user say otherwise (the paper's CFG 5;
+the one place this default is written)."""
+
 FAST_STEPS = 25  # the fast preset's sampling steps; the guidance schedule is scaled to it
 
 
@@ -115,7 +119,7 @@ class EditRequest(BaseModel):
     target_prompt: str = ""
     seed: int = 0
     steps: int = Field(50, ge=2, le=1000)
-    guidance_scale: float = Field(5.0, ge=1.0, le=30.0)
+    guidance_scale: float = Field(DEFAULT_GUIDANCE_SCALE, ge=1.0, le=30.0)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     quality: QualityGuidance | None = Field(None, description="Quality guidance, when a discriminator is chosen.")
     fast: bool = Field(False, description=f"Fast mode: at most {FAST_STEPS} sampling steps, with the guidance "

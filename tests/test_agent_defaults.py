@@ -53,3 +53,41 @@ def test_invoke_with_no_context_argument(env):
     assert Image.open(out["result"].path).size == sc.image.size
     assert out["result"].path.startswith(str(env / "home"))  # the artifact store under LUCIDDRAG_HOME
     assert any("offline" in w for w in out["warnings"])
+
+
+def test_each_default_in_one_place():
+    """CFG and the guidance weights are written once (engine/request.py); the agent and the web app read them."""
+    from luciddrag.agent.web.session import WebSettings
+    from luciddrag.engine.request import DEFAULT_GUIDANCE_SCALE, EditRequest, GuidanceConfig
+
+    assert AgentContext().guidance_scale == DEFAULT_GUIDANCE_SCALE == EditRequest.model_fields["guidance_scale"].default
+    web = WebSettings(model="m")
+    assert web.guidance_scale == DEFAULT_GUIDANCE_SCALE
+    assert (web.w_edit, web.w_content, web.w_inpaint) == (GuidanceConfig().w_edit, GuidanceConfig().w_content,
+                                                          GuidanceConfig().w_inpaint)
+
+
+def test_one_mean_distance():
+    """The critic's score, DragBench's MD and tracking share one distance function."""
+    from luciddrag.engine.tracking import mean_distance, point_distances
+    from luciddrag.evals.dragbench import metrics
+
+    assert metrics.point_distances is point_distances
+    assert point_distances([(0, 0), (1, 1)], [(3, 4), (1, 1)]) == [5.0, 0.0]
+    assert mean_distance([(0, 0), (1, 1)], [(3, 4), (1, 1)]) == 2.5
+    with pytest.raises(ValueError):
+        point_distances([(0, 0)], [])
+
+
+def test_score_drag_uses_the_one_distance(monkeypatch):
+    from types import SimpleNamespace
+
+    import luciddrag.agent.tools as tools
+    from luciddrag.tools.schemas import DragPoints
+
+    monkeypatch.setattr(tools, "get_editor", lambda ctx: SimpleNamespace(c=None))
+    monkeypatch.setattr(tools, "track_points", lambda *a, **kw: [(13.0, 14.0)])
+    monkeypatch.setattr(tools, "get_sampler", lambda ctx: None)
+    out = tools.score_drag(AgentContext(critic_search=None), Image.new("RGB", (32, 32)), Image.new("RGB", (32, 32)),
+                           DragPoints.from_flat([(0, 0), (10, 10)]))
+    assert out["md_px"] == 5.0 and out["md_fraction"] == pytest.approx(5.0 / (10 * 2 ** 0.5))

@@ -276,7 +276,7 @@ def eval_shapes(
     """Run the engine over the ShapesWorld drag suite and print exact scores per family and configuration."""
     _quiet_libraries()
     from luciddrag.engine.pipeline import DragEditor
-    from luciddrag.engine.request import GuidanceConfig
+    from luciddrag.engine.request import DEFAULT_GUIDANCE_SCALE, GuidanceConfig
     from luciddrag.evals.shapesworld import MODEL_DIR
     from luciddrag.evals.shapesworld.drag_eval import evaluate, split_configs
 
@@ -288,7 +288,7 @@ def eval_shapes(
     over = {**base, **{k: v for k, v in dict(w_edit=w_edit, w_content=w_content, w_inpaint=w_inpaint,
                                              edit_steps=edit_steps, init_copy=init_copy, kv_injection=kv).items()
                        if v is not None}}
-    scale = cfg_scale if cfg_scale is not None else recommended.get("guidance_scale", 5.0)
+    scale = cfg_scale if cfg_scale is not None else recommended.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     try:
         editor = DragEditor.from_pretrained(model_dir, device="cpu", show_progress=False)
         evaluate(editor, tasks, seed, split_configs(configs), steps,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from luciddrag.agent.artifacts import ImageRef
 from luciddrag.engine.errors import InputError
+from luciddrag.engine.request import DEFAULT_GUIDANCE_SCALE, GuidanceConfig
 
 Point = tuple[int, int]
 
@@ -42,10 +43,11 @@ class WebSettings(BaseModel):
     model: str = Field(description="Hub id or local diffusers folder")
     device: str | None = None
     steps: int = Field(50, ge=2, le=200)
-    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
-    w_edit: float = Field(300.0, ge=0.0)
-    w_content: float = Field(300.0, ge=0.0)
-    w_inpaint: float = Field(30.0, ge=0.0)
+    # defaults written once, in the engine (the model's luciddrag.json / family preset override them on load)
+    guidance_scale: float = Field(DEFAULT_GUIDANCE_SCALE, ge=0.0, le=30.0)
+    w_edit: float = Field(GuidanceConfig.model_fields["w_edit"].default, ge=0.0)
+    w_content: float = Field(GuidanceConfig.model_fields["w_content"].default, ge=0.0)
+    w_inpaint: float = Field(GuidanceConfig.model_fields["w_inpaint"].default, ge=0.0)
     k: int = Field(3, ge=1, le=8)
     max_attempts: int = Field(3, ge=1, le=8)
     seed: int = Field(0, ge=0)

@@ -3,7 +3,8 @@
 * Mean Distance (DragDiffusion, ``drag_bench_evaluation/run_eval_point_matching.py`` + ``dift_sd.py``): DIFT
   features of SD 2.1 (fp32) at t = 261 from decoder up-block 1, averaged over an ensemble of 8 noisings, with the
   sample's prompt and no CFG; the source and the edited image get independent noise (posterior samples and DDPM
-  noise drawn one after the other from one seeded generator, as the reference's global RNG does); both images at the source's own size (the edited image resized to it bilinearly); features
+  noise drawn one after the other from one seeded generator, as the reference's global RNG does); both images at
+  the source's own size (the edited image resized to it bilinearly); features
   bilinearly upsampled to the image size; for each handle, the pixel of the edited image whose feature is most
   cosine-similar to the source feature at the (integer) handle; L2 distance from it to the target; the benchmark's
   number is the mean over all points of all images. Implemented with ``engine.tracking`` (forward hooks on a stock
@@ -15,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from luciddrag.engine.errors import ModelLoadError
 from luciddrag.engine.loading import Components
 from luciddrag.engine.preprocess import scale_point
-from luciddrag.engine.tracking import dift_features, nearest_match
+from luciddrag.engine.tracking import dift_features, nearest_match, point_distances  # noqa: F401 - the one distance
 
 Point = tuple[float, float]
 
@@ -90,11 +90,6 @@ def dift_track(c: Components, source: Image.Image, edited: Image.Image, handles:
     fd = dift_features(c, dst, prompt, cfg.t, cfg.up_block, cfg.ensemble, latent=cfg.latent, generator=gen)
     found = nearest_match(fs, fd, pts, esize)
     return [scale_point(p, esize, size) for p in found] if esize != size else found
-
-
-def point_distances(found: Sequence[Point], targets: Sequence[Point]) -> list[float]:
-    """L2 distance of each tracked handle to its target (pixels)."""
-    return [math.dist(a, b) for a, b in zip(found, targets, strict=True)]
 
 
 def mean_distance_over_points(distances_per_image: Sequence[Sequence[float]]) -> float | None:
