@@ -2,7 +2,8 @@
 Postgres, then prints what it saw as one JSON line. Run as `python tests/postgres_worker.py ROLE SPEC_JSON`.
 
 ROLE "first": start the drag run with the sampler service down, so it stops at `sample`; say the first chat turn
-(a drag, sampled in-process). ROLE "second": continue that drag run from its checkpoint; say "try your second idea" in the chat.
+(a drag, sampled in-process). ROLE "second": continue that drag run from its checkpoint; say "try your second idea"
+in the chat.
 """
 
 from __future__ import annotations
