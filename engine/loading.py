@@ -139,7 +139,7 @@ def load_components(model: str | os.PathLike | None = None, device: str | None =
         if not cached and (offline or not _hub_reachable()):
             raise ModelLoadError(
                 f"{model!r} is not in the local Hugging Face cache and the hub cannot be reached. On a machine with "
-                f"network run `huggingface-cli download {model}` (or pass --model /path/to/diffusers/folder, "
+                f"network run `hf download {model}` (or pass --model /path/to/diffusers/folder, "
                 "or set LUCIDDRAG_MODEL)."
             )
         kw["local_files_only"] = cached
@@ -154,7 +154,7 @@ def load_components(model: str | os.PathLike | None = None, device: str | None =
             raise ModelLoadError(f"cannot load the checkpoint in {path}: {str(exc).splitlines()[0]}") from None
         raise ModelLoadError(
             f"cannot load {model!r} (no network, or not downloaded yet). On a machine with network run "
-            f"`huggingface-cli download {model}` (or pass --model /path/to/diffusers/folder, "
+            f"`hf download {model}` (or pass --model /path/to/diffusers/folder, "
             f"or set LUCIDDRAG_MODEL)."
         ) from None
     try:

@@ -203,7 +203,7 @@ def test_not_a_checkpoint_and_missing_weights(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion diffusers checkpoint: missing vae/"):
         load_components(str(tmp_path), device="cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="huggingface-cli download"):
+    with pytest.raises(ModelLoadError, match="hf download"):
         load_components("nobody/no-such-model-luciddrag", device="cpu")
 
 

@@ -265,7 +265,7 @@ def test_florence_missing_weights_is_a_clear_model_load_error(tmp_path: Any) -> 
     with pytest.raises(ModelLoadError) as err:
         loc.locate(Image.new("RGB", (32, 32)), DragPoints.from_flat([[5, 5], [9, 9]]))
     message = str(err.value)
-    assert "no-such-florence" in message and "--locator offline" in message and "huggingface-cli download" in message
+    assert "no-such-florence" in message and "--locator offline" in message and "hf download" in message
 
 
 # ------------------------------------------------------------------------------------------------ Osprey over HTTP

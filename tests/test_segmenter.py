@@ -142,7 +142,7 @@ def test_dtype_is_honoured_and_masks_come_back_as_bool(tiny_sam_dir: Path, astro
 
 def test_missing_weights_are_a_clear_model_load_error(tmp_path: Path) -> None:
     seg = SamSegmenter(str(tmp_path / "no-such-sam"), local_files_only=True)
-    with pytest.raises(ModelLoadError, match="huggingface-cli download") as err:
+    with pytest.raises(ModelLoadError, match="hf download") as err:
         seg.mask(Image.new("RGB", (32, 32)), (5, 5))
     assert "no-such-sam" in str(err.value) and "\n" not in str(err.value)
 

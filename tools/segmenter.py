@@ -44,7 +44,7 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, local_files_only:
                 else "it could not be downloaded (no network?)")
         raise ModelLoadError(
             f"cannot load {what} '{model_id}': {hint}. Download it once with "
-            f"`huggingface-cli download {model_id}` on a machine with network access, or use --locator offline"
+            f"`hf download {model_id}` on a machine with network access, or use --locator offline"
         ) from exc
 
 
