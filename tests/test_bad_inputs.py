@@ -557,3 +557,13 @@ def test_all_white_mask_edits(img, ctx, tmp_path):
     ctx.guidance = GuidanceConfig(w_content=300.0, blend_outside=False)
     out = _invoke({"image": str(img), "points": [(24, 30), (40, 30)], "mask": str(white)}, ctx)
     assert out["result"] is not None
+
+
+def test_web_examples_offer_only_what_the_model_draws(tiny_model_dir):
+    pytest.importorskip("skimage")
+    from luciddrag.agent.web.examples import bundled_examples
+    from luciddrag.evals.shapesworld import MODEL_DIR
+
+    shapes = bundled_examples(str(MODEL_DIR))
+    assert shapes and all(e.load().size == (64, 64) for e in shapes)
+    assert len(bundled_examples(str(tiny_model_dir))) > len(shapes)  # a general model: the photos too

@@ -74,7 +74,7 @@ class WebApp:
         store = str(self.root / "store")  # where the checkpointer puts any stray PIL image; nodes use session dirs
         self.drag = build_graph(checkpointer=self.checkpointer, artifacts_dir=store)
         self.chat = build_chat_graph(checkpointer=self.checkpointer, artifacts_dir=store)
-        self.examples = bundled_examples()
+        self.examples = bundled_examples(defaults.model)  # only images of a kind the model can draw
 
     # -- plumbing -------------------------------------------------------------------------------------------------
 

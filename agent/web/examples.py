@@ -9,6 +9,8 @@ from typing import Callable
 
 from PIL import Image
 
+from luciddrag.agent.context import model_draws
+
 
 @dataclass(frozen=True)
 class Example:
@@ -40,8 +42,13 @@ PHOTOS = [("astronaut", "a photo of an astronaut"), ("chelsea", "a photo of a ca
           ("coffee", "a photo of a cup of coffee")]
 
 
-def bundled_examples() -> list[Example]:
+def bundled_examples(model: str | None = None) -> list[Example]:
+    """The examples to offer with `model`: a world model (its folder's luciddrag.json says what it draws, e.g.
+    ShapesWorld's 64x64 world) gets only images of its kind -- a photo would come back as noise."""
     out = [_scene(seed, n) for seed, n in SHAPES_SCENES]
+    draws = model_draws(model) if model else None
+    if draws and "size" in draws:
+        return [e for e in out if e.load().size == tuple(int(v) for v in draws["size"])]
     out += [e for e in (_photo(n, c) for n, c in PHOTOS) if e is not None]
     return out
 
