@@ -128,6 +128,8 @@ def resolve_context(value: Any) -> AgentContext:
     if value is None:
         return default_context()
     if isinstance(value, AgentContext):
+        if value == AgentContext():  # nothing chosen (e.g. an empty dict a server sent, coerced by LangGraph)
+            return default_context()
         if isinstance(value.guidance, dict):  # a server's JSON coerced by LangGraph: nested fields stay dicts
             return replace(value, guidance=GuidanceConfig(**value.guidance))
         return value

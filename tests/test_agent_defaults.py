@@ -30,6 +30,7 @@ def test_default_context_reads_the_environment_and_the_model_folder(env):
     # the model folder's luciddrag.json (CFG 1, w_edit 1000), not the dataclass defaults (CFG 5)
     assert ctx.guidance_scale == 1.0 and ctx.guidance.w_edit == 1000.0
     assert resolve_context(None) == ctx
+    assert resolve_context(AgentContext()) == ctx  # an empty context (a server's {}) is no choice either
     given = AgentContext(steps=7)
     assert resolve_context(given) is given
     assert resolve_context({"steps": 9}).steps == 9 and resolve_context({"steps": 9}).guidance_scale == 1.0
