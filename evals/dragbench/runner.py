@@ -190,9 +190,10 @@ def _agent_context(cfg: RunConfig, artifacts: Path):
     from luciddrag.agent.context import AgentContext, model_defaults
 
     # the model folder's recommended sampler and critic settings (ShapesWorld ships luciddrag.json)
-    ctx = AgentContext(steps=cfg.steps, seed=cfg.seed, k=cfg.k, max_attempts=cfg.attempts, locator=cfg.locator,
-                       reasoner=cfg.reasoner, artifacts_dir=str(artifacts),  # type: ignore[arg-type]
-                       **model_defaults(cfg.model))
+    # what the run asked for wins over the model's recommendations (a family preset names `steps` too)
+    ctx = AgentContext(**{**model_defaults(cfg.model),  # type: ignore[arg-type]
+                          **dict(steps=cfg.steps, seed=cfg.seed, k=cfg.k, max_attempts=cfg.attempts,
+                                 locator=cfg.locator, reasoner=cfg.reasoner, artifacts_dir=str(artifacts))})
     if cfg.model:
         ctx.model = cfg.model
     if cfg.device:
