@@ -50,9 +50,9 @@ def region_checks(ctx: AgentContext, original: Image.Image, edited: Image.Image,
     checks: list[Check] = []
     for region, idx in groups:
         pairs = [drags.pairs[i] for i in idx]
+        kind = motion if motion in ("translate", "scale") else None
         v = region_check(original, edited, region, [p.handle for p in pairs], [p.target for p in pairs],
-                         motion=motion if motion in ("translate", "scale") else None, config=cfg,  # type: ignore[arg-type]
-                         search=ctx.critic_search)
+                         motion=kind, config=cfg, search=ctx.critic_search)  # type: ignore[arg-type]
         checks.append((v.ok, "region: " + ", ".join(v.reasons)))
     return checks
 

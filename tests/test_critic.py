@@ -137,3 +137,24 @@ def test_critique_uses_the_region_critic_for_whole_object_intentions() -> None:
     assert object_checks(off, tracking, before, grown, drags, [obj, obj], "scale", "bigger") == tracking
     unedited = object_checks(ctx, tracking, before, before, drags, [obj, obj], "scale", "make it bigger")
     assert unedited[0][0] is False
+
+
+def test_study_fits_thresholds_on_dev_good_edits_and_reports_rates() -> None:
+    """region_critic_study: thresholds are quantiles of the dev good edits' signals; rates count what they accept."""
+    from luciddrag.evals.shapesworld.region_critic_study import accepts, fit, rates, report
+
+    def row(which: str, i: int, **kw) -> dict:
+        base = {"i": i, "kind": "ghost", "family": "move", "which": which, "md_px": 1.0, "md_fraction": 0.1,
+                "length": 10.0, "scale_error": 0.05, "mismatch": 0.2, "left": 0.0, "spill": 0.0,
+                "colour_shift": 0.05, "ring_mismatch": 0.2}
+        return {**base, **kw}
+
+    dev = ([row("good", i, mismatch=0.1 + 0.02 * i) for i in range(10)]
+           + [row("bad", i, left=0.6) for i in range(10)] + [row("input", i, md_px=10.0) for i in range(10)])
+    cfg = fit(dev, 1.0)
+    assert cfg.max_mismatch == pytest.approx(0.28) and cfg.max_left == 0.1 and cfg.min_md_px == 3.0
+    assert rates(dev, cfg) == {"good_accepted": 1.0, "broken_rejected": 1.0, "unedited_rejected": 1.0}
+    assert not accepts(row("good", 0, mismatch=0.3), cfg)
+    assert rates(dev, fit(dev, 0.5))["good_accepted"] == pytest.approx(0.5)
+    text, shipped = report(dev, dev)
+    assert shipped == cfg and "| 1.0 | test | 100% | 100% | 100% |" in text

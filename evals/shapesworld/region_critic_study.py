@@ -28,8 +28,9 @@ from luciddrag.evals.shapesworld.discriminator_data import CRITIC_SEED_BASE
 from luciddrag.evals.shapesworld.tasks import DragTask
 from luciddrag.tools.critic import RegionCriticConfig, region_check
 
+# every check passes: region_check then only measures
 LOOSE = RegionCriticConfig(max_md_fraction=1e9, min_md_px=1e9, max_scale_error=1e9, max_mismatch=1e9, max_left=1.0,
-                           max_spill=1.0, max_colour_shift=1e9, max_ring_mismatch=1e9)  # every check passes: region_check then only measures
+                           max_spill=1.0, max_colour_shift=1e9, max_ring_mismatch=1e9)
 
 
 def locator_region(image: Image.Image, task: DragTask) -> np.ndarray:
