@@ -89,6 +89,7 @@ def test_images_and_masks_cross_as_png_exactly():
         image_from_b64("bm90IGFuIGltYWdl")  # "not an image"
 
 
+@pytest.mark.slow
 def test_batch_merges_jobs_on_one_image_and_isolates_failures(tiny_editor, tiny_model_dir):
     model = str(tiny_model_dir)
     a1 = _job(model, _image(), [("a red circle", "a red circle on the right")])
@@ -109,6 +110,7 @@ def test_batch_merges_jobs_on_one_image_and_isolates_failures(tiny_editor, tiny_
     assert res.image.size == (64, 64) and res.stats["shared_with"] == 2
 
 
+@pytest.mark.slow
 def test_a_single_job_matches_the_engine_exactly(tiny_editor, tiny_model_dir):
     job = _job(str(tiny_model_dir), _image(), [("a red circle", "a red circle on the right")])
     (reply,) = run_sample_batch(tiny_editor, str(tiny_model_dir), [job])
