@@ -85,10 +85,11 @@ class AgentContext:
     """Kinds of drag sampled with quality guidance: 'translate' (move an object), 'scale' (resize it), 'patch'
     (deform around the point). None: the discriminator's recommendation (on ShapesWorld it helps moves and hurts
     resizes)."""
-    critic_regions: bool = True
+    critic_regions: bool = False
     """Judge an intention that moves or resizes a whole object by the object's region (luciddrag.tools.critic:
     its best-matching scale + translation must carry each handle to its target, at the asked size, intact, nothing
-    left behind) instead of by the handle point alone, which cannot see a 2-4 px resize."""
+    left behind) instead of by the handle point alone, which cannot see a 2-4 px resize. Off by default until its
+    thresholds (fitted on ShapesWorld, docs/agent-eval.md) are calibrated on photos; `eval agent-shapes` turns it on."""
     region_critic: RegionCriticConfig | None = None
     """The region critic's thresholds (None: RegionCriticConfig's defaults)."""
     judge: Literal["auto", "off", "llm"] = field(default_factory=lambda: _env("LUCIDDRAG_JUDGE", "off"))  # type: ignore[assignment]

@@ -128,12 +128,12 @@ def test_critique_uses_the_region_critic_for_whole_object_intentions() -> None:
     grown = Image.fromarray((scene((disc(32, 32, 8), RED)) * 255).astype(np.uint8))
     drags = DragPoints.from_flat([[37, 32], [40, 32], [27, 32], [24, 32]])
     tracking = [(False, "handle landed 2.9 px from target (97% of the drag > 60%)")]
-    ctx = AgentContext(judge="off")
+    ctx = AgentContext(judge="off", critic_regions=True)
     checks = object_checks(ctx, tracking, before, grown, drags, [obj, obj], "scale", "make it bigger")
     assert len(checks) == 2 and all(ok for ok, _ in checks), checks
     assert checks[0][1].startswith("region: ") and "tracking (not used" in checks[1][1]
     assert object_checks(ctx, tracking, before, grown, drags, [obj, obj], None, "raise it") == tracking
-    off = AgentContext(judge="off", critic_regions=False)
+    off = AgentContext(judge="off")  # the default: off until calibrated on photos
     assert object_checks(off, tracking, before, grown, drags, [obj, obj], "scale", "bigger") == tracking
     unedited = object_checks(ctx, tracking, before, before, drags, [obj, obj], "scale", "make it bigger")
     assert unedited[0][0] is False
