@@ -1,0 +1,25 @@
+"""`luciddrag bench engine`'s engine side: every row counts its UNet passes and reports time and peak memory."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_rows_count_passes_and_report_ratios():
+    from luciddrag.engine.bench import format_report, run_bench
+
+    r = run_bench("tiny", steps=4, intentions=2, device="cpu", switches=("fast", "checkpointing"), threads=1)
+    rows = {row["config"]: row for row in r["rows"]}
+    assert list(rows) == ["unguided", "guided", "K=2 batched", "K=2 sequential", "fast (25 steps)",
+                          "fast K=2 batched", "gradient checkpointing"]
+    # 4 steps: inversion 4 + sampling 4 x (cond + uncond); one backward per guided step (edit_steps 30 >= 4)
+    assert rows["guided"]["unet_forward"] == 12 and rows["guided"]["unet_backward"] == 4
+    assert rows["unguided"]["unet_backward"] == 0
+    assert rows["K=2 sequential"]["unet_forward"] == 24 and rows["K=2 batched"]["unet_forward"] == 12
+    assert rows["gradient checkpointing"]["unet_backward"] == 4
+    assert rows["fast (25 steps)"]["steps"] == 4  # fewer steps than the preset already
+    assert all(row["peak_mb"] > 0 and row["seconds"] > 0 for row in r["rows"])
+    assert r["guided_over_unguided"] == rows["guided"]["over_unguided"]
+    text = format_report(r)
+    assert "| gradient checkpointing |" in text and "batched_k2_over_sequential" in text
