@@ -281,7 +281,8 @@ def batch_chunks(n: int, size: int) -> list[range]:
 class DragEditor:
     """Drag editing on an SD-architecture model. Thread-unsafe: one edit at a time per editor."""
 
-    def __init__(self, components: Components, show_progress: bool = True, options: EngineOptions | None = None) -> None:
+    def __init__(self, components: Components, show_progress: bool = True,
+                 options: EngineOptions | None = None) -> None:
         self.c = components
         self.show_progress = show_progress
         self.options = options or EngineOptions()

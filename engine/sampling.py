@@ -65,7 +65,8 @@ class SampleOutput:
     backward_passes: int
 
 
-def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float,
+               prediction_type: str) -> torch.Tensor:
     """Express any UNet parameterisation as a noise prediction, so guidance is always added to epsilon."""
     if prediction_type == "epsilon":
         return model_output

@@ -83,7 +83,8 @@ def both(monkeypatch):
     def twice(unet_call, latents, plan, terms, callback=None, progress=False):
         old, old_backwards = legacy_sample(unet_call, latents.clone(), plan, terms)
         out = new(unet_call, latents, plan, terms, callback, progress)
-        runs.append({"old": old, "new": out.latents, "old_backwards": old_backwards, "new_backwards": out.backward_passes})
+        runs.append({"old": old, "new": out.latents, "old_backwards": old_backwards,
+                     "new_backwards": out.backward_passes})
         return out
 
     monkeypatch.setattr(pipeline, "collaborative_guidance_sample", twice)
@@ -112,8 +113,9 @@ REGION[6:16, 6:15] = True
     ("cfg 1, three intentions, two inversions", dict(guidance_scale=1.0),
      [("a red circle", "a big red circle"), ("a red circle", "a small red circle"), ("a cat", "a cat moved left")]),
     ("region moved", dict(handle_masks=[REGION]), None),
-    ("region scaled, no blend, replace K/V", dict(handle_masks=[REGION], region_motion="scale",
-                                                  guidance=GuidanceConfig(blend_outside=False, kv_mode="replace")), None),
+    ("region scaled, no blend, replace K/V",
+     dict(handle_masks=[REGION], region_motion="scale",
+          guidance=GuidanceConfig(blend_outside=False, kv_mode="replace")), None),
     ("no blend", dict(guidance=GuidanceConfig(blend_outside=False)), None),
 ])
 def test_algorithm_1_reproduces_the_legacy_sampler_bit_for_bit(tiny_editor, both, name, kwargs, intentions):
