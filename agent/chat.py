@@ -159,7 +159,7 @@ def reply(state: ChatState) -> dict:
 def propose(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     """Locate and reason only (no GPU work), so the user can choose."""
     from luciddrag.agent.nodes import _image
-    from luciddrag.tools.locator import LocatorConfig, describe_image, locate
+    from luciddrag.tools.locator import describe_image, locate
     from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
 
     ctx = resolve_context(runtime.context)
@@ -169,7 +169,7 @@ def propose(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     try:
         image = _image(state["image"])
         drags = DragPoints.from_flat([tuple(p) for p in pts])
-        cfg = LocatorConfig(backend=ctx.locator, llm=ctx.llm)
+        cfg = ctx.locator_config()
         located = locate(image, drags, None, cfg)
         caption, _ = describe_image(image, None, located=located, config=cfg)
         res = reason(ReasonRequest(drags=drags, located=located, caption=caption, k=ctx.k),

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from luciddrag.engine.discriminator import Motion
 from luciddrag.engine.errors import InputError, ModelLoadError
 from luciddrag.engine.loading import DEFAULT_MODEL
@@ -19,6 +21,7 @@ from luciddrag.engine.presets import folder_settings, recommended_settings
 from luciddrag.engine.request import DEFAULT_GUIDANCE_SCALE, GuidanceConfig
 from luciddrag.tools.critic import RegionCriticConfig
 from luciddrag.tools.llm import LLMSettings
+from luciddrag.tools.locator import LocatorConfig
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -57,7 +60,12 @@ class AgentContext:
     # reasoning
     k: int = 3
     selection: Literal["sample", "argmax"] = "sample"
-    locator: Literal["auto", "offline", "openai", "florence2", "osprey"] = "auto"
+    locator: Literal["auto", "offline", "sam", "openai", "florence2", "osprey"] = "auto"
+    """Who says what is under each handle: 'sam' segments the object (tools/segmenter.py); the others name it."""
+    use_sam: bool = field(default_factory=lambda: _env("LUCIDDRAG_USE_SAM", "0") not in ("0", "false", "no"))
+    """SAM's object masks under the openai / osprey / florence2 namers (the paper's Osprey reads SAM masks)."""
+    sam_model: str | None = field(default_factory=lambda: _env("LUCIDDRAG_SAM_MODEL"))
+    """SAM checkpoint, hub id or folder (None: facebook/sam-vit-base)."""
     reasoner: Literal["auto", "llm", "offline"] = "auto"
     llm: LLMSettings | None = None  # None: from the environment
     chat_model: Any = None  # a LangChain chat model instance for the chat graph; overrides `llm` (tests, embedding)
@@ -96,8 +104,17 @@ class AgentContext:
     """Vision-LLM judge in the critique node (did the drag happen, is the object intact, score 0-10): 'auto' when
     an LLM is configured (skipped with a warning if it fails), 'llm' required, 'off' (default; LUCIDDRAG_JUDGE)."""
     min_judge_score: int = 5
+    sampler: str | None = field(default_factory=lambda: _env("LUCIDDRAG_SAMPLER"))
+    """Where sampling runs: None in-process; a Ray Serve deployment as 'serve:APP', 'ray://HEAD:10001[/APP]' or
+    'http://HOST:PORT/APP' (docs/scale-out.md)."""
     artifacts_dir: str | None = None
     show_progress: bool = False
+
+    def locator_config(self) -> LocatorConfig:
+        """The locator's settings for this run (one place for the nodes, the chat and the tools)."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        extra = {"sam_model": self.sam_model} if self.sam_model else {}
+        return LocatorConfig(backend=self.locator, llm=self.llm, use_sam=self.use_sam, device=device, **extra)
 
 
 _CONTEXT_KEYS = {"guidance_scale", "steps", "accept_md_fraction", "critic_search", "critic_timestep", "critic_block",

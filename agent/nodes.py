@@ -22,7 +22,7 @@ from luciddrag.agent.state import AgentState, Attempt
 from luciddrag.agent.tools import sample_intentions, score_drag
 from luciddrag.engine.errors import InputError
 from luciddrag.engine.preprocess import MIN_SIDE, load_mask, open_image, resize_mask, scale_point, to_rgb
-from luciddrag.tools.locator import LocatorConfig, describe_image, locate
+from luciddrag.tools.locator import describe_image, locate
 from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason, select_intention
 from luciddrag.tools.schemas import DragPoints, Intention
 
@@ -120,7 +120,7 @@ def locate_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     """Locator tool: what is under each handle, and the image's description c."""
     ctx = _ctx(runtime)
     image = _image(state["image"])
-    cfg = LocatorConfig(backend=ctx.locator, llm=ctx.llm)
+    cfg = ctx.locator_config()
     located = locate(image, state["drags"], _mask_array(state), cfg)
     caption, source = describe_image(image, state.get("prompt"), located=located, config=cfg)
     what = "; ".join(d.description for d in located.descriptions)

@@ -9,6 +9,7 @@ import typer
 
 from luciddrag.agent.cli.common import quiet_libraries
 from luciddrag.engine.errors import LucidDragError
+from luciddrag.evals.dragbench.fanout import edit_fanned_out
 
 
 def app(
@@ -34,6 +35,10 @@ def app(
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N samples."),
     fmt: str = typer.Option("auto", "--format", help="auto | dragbench | drag100."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    sampler: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_SAMPLER",
+                                          help="Edit on a sampler deployment (serve:APP, ray://HEAD:10001/APP, "
+                                               "http://HOST:PORT/APP; docs/scale-out.md), WORKERS samples at a time."),
+    workers: int = typer.Option(8, min=1, help="With --sampler: samples edited concurrently."),
 ) -> None:
     """Evaluate a drag-editing method on DragBench or Drag100: Mean Distance (DIFT), 1-LPIPS, CLIP, DAI, GScore.
 
@@ -57,6 +62,8 @@ def app(
         typer.secho(f"error: --{'.'.join(str(p) for p in first['loc'])}: {first['msg']}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     try:
+        if sampler:  # edit everything on the deployment first (resumable); `run` then only scores
+            edit_fanned_out(cfg, out, workers=workers, sampler=sampler, log=typer.echo)
         records = run(cfg, out, progress=progress, log=typer.echo)
         images = {s.sample_id: s.image_path for s in load_dataset(cfg.data, cfg.format)}
         label = method if method != "results" else (results.name if results else "results")

@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from luciddrag.agent.cli import agent_eval, discriminator, dragbench, prompts, train
+from luciddrag.agent.serving import cli as serving_cli
 from luciddrag.agent.cli.common import DRAG_HELP, fail as _fail, parse_drag, quiet_libraries as _quiet_libraries
 from luciddrag.agent.web import web_command
 from luciddrag.engine.errors import LucidDragError
@@ -108,7 +109,12 @@ def edit(
     seed: int = typer.Option(0, help="Random seed (sampling and intention choice)."),
     k: int = typer.Option(3, min=1, max=8, help="How many intentions to reason."),
     attempts: int = typer.Option(3, min=1, max=8, help="Attempt budget: intentions tried before giving up."),
-    locator: str = typer.Option("auto", help="auto | offline | openai | florence2 | osprey."),
+    locator: str = typer.Option("auto", help="auto | offline | sam | openai | florence2 | osprey (sam: object masks "
+                                             "from SAM; the others name what is under the handle)."),
+    sam: bool = typer.Option(False, "--sam", envvar="LUCIDDRAG_USE_SAM",
+                             help="SAM's object masks under the openai / osprey / florence2 locators."),
+    sam_model: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_SAM_MODEL",
+                                            help="SAM checkpoint, hub id or folder (default facebook/sam-vit-base)."),
     reasoner: str = typer.Option("auto", help="auto | llm | offline (auto: LLM when OPENAI_API_KEY/BASE_URL set)."),
     out: Path = typer.Option(Path("edited.png"), "--out", "-o", help="Result path; .sheet.png and .report.md beside."),
 ) -> None:
@@ -125,7 +131,7 @@ def edit(
         given = {"intention": intention or "edit with the given prompts", "source_prompt": source_prompt,
                  "target_prompt": target_prompt}
     try:
-        ctx = _context(model, device, steps, seed, k, attempts, locator, reasoner)
+        ctx = _context(model, device, steps, seed, k, attempts, locator, reasoner, use_sam=sam, sam_model=sam_model)
         _run_agent(image, points, mask, prompt, given, ctx, out)
     except LucidDragError as exc:
         _fail(str(exc))
@@ -303,6 +309,7 @@ app.add_typer(train.app, name="train")                        # ShapesWorld mode
 app.add_typer(prompts.app, name="prompts")                    # prompt templates: list, show, render
 app.add_typer(discriminator.app, name="discriminator")        # quality discriminator: synthesize, eval, calibrate
 app.command("train-discriminator")(discriminator.train_command)
+app.add_typer(serving_cli.app, name="serve")                  # the sampler as a Ray Serve deployment
 app.command("web")(web_command)                               # the click-to-drag web app
 eval_app.command("dragbench")(dragbench.app)                  # DragBench / Drag100 protocol
 eval_app.command("agent")(agent_eval.app)                     # offline agent evals with cassettes

@@ -43,7 +43,7 @@ def edit_fanned_out(cfg: RunConfig, out: Path, *, workers: int = 8, sampler: str
     ctx = _agent_context(cfg, out / "artifacts")
     if sampler is not None:
         parse_endpoint(sampler)  # a bad value is an InputError now, not one per sample
-        ctx.sampler = sampler  # type: ignore[attr-defined] - read by get_sampler; the context has no field yet
+        ctx.sampler = sampler
     if get_sampler(ctx) is None:
         raise InputError("fanning DragBench out needs the sampler deployment: pass --sampler serve:APP (or set "
                          "LUCIDDRAG_SAMPLER); without it run `eval dragbench` as usual")
