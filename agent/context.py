@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from luciddrag.engine.discriminator import Motion
 from luciddrag.engine.errors import InputError, ModelLoadError
 from luciddrag.engine.loading import DEFAULT_MODEL
@@ -112,6 +110,8 @@ class AgentContext:
 
     def locator_config(self) -> LocatorConfig:
         """The locator's settings for this run (one place for the nodes, the chat and the tools)."""
+        import torch  # heavy; only when a locator is actually configured
+
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         extra = {"sam_model": self.sam_model} if self.sam_model else {}
         return LocatorConfig(backend=self.locator, llm=self.llm, use_sam=self.use_sam, device=device, **extra)

@@ -9,7 +9,6 @@ import typer
 
 from luciddrag.agent.cli.common import quiet_libraries
 from luciddrag.engine.errors import LucidDragError
-from luciddrag.evals.dragbench.fanout import edit_fanned_out
 
 
 def app(
@@ -63,6 +62,10 @@ def app(
         raise typer.Exit(2) from None
     try:
         if sampler:  # edit everything on the deployment first (resumable); `run` then only scores
+            # imported here like the other evals modules above: they pull in torch and the agent graph, and
+            # `luciddrag --help` should not wait for them
+            from luciddrag.evals.dragbench.fanout import edit_fanned_out
+
             edit_fanned_out(cfg, out, workers=workers, sampler=sampler, log=typer.echo)
         records = run(cfg, out, progress=progress, log=typer.echo)
         images = {s.sample_id: s.image_path for s in load_dataset(cfg.data, cfg.format)}

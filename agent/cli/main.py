@@ -18,6 +18,7 @@ from luciddrag.agent.cli import agent_eval, discriminator, dragbench, prompts, t
 from luciddrag.agent.serving import cli as serving_cli
 from luciddrag.agent.cli.common import DRAG_HELP, fail as _fail, parse_drag, quiet_libraries as _quiet_libraries
 from luciddrag.agent.web import web_command
+from luciddrag.engine.bench import SWITCHES
 from luciddrag.engine.errors import LucidDragError
 
 app = typer.Typer(
@@ -116,6 +117,7 @@ def edit(
     sam_model: Optional[str] = typer.Option(None, envvar="LUCIDDRAG_SAM_MODEL",
                                             help="SAM checkpoint, hub id or folder (default facebook/sam-vit-base)."),
     reasoner: str = typer.Option("auto", help="auto | llm | offline (auto: LLM when OPENAI_API_KEY/BASE_URL set)."),
+    fast: bool = typer.Option(False, "--fast", help="Fast mode: 25 steps, the guidance schedule scaled to them."),
     out: Path = typer.Option(Path("edited.png"), "--out", "-o", help="Result path; .sheet.png and .report.md beside."),
 ) -> None:
     """Drag-edit IMAGE: locate what is dragged, reason what you mean, edit, check, retry with another reading.
@@ -131,7 +133,8 @@ def edit(
         given = {"intention": intention or "edit with the given prompts", "source_prompt": source_prompt,
                  "target_prompt": target_prompt}
     try:
-        ctx = _context(model, device, steps, seed, k, attempts, locator, reasoner, use_sam=sam, sam_model=sam_model)
+        ctx = _context(model, device, steps, seed, k, attempts, locator, reasoner, use_sam=sam, sam_model=sam_model,
+                       fast=fast)
         _run_agent(image, points, mask, prompt, given, ctx, out)
     except LucidDragError as exc:
         _fail(str(exc))
@@ -239,6 +242,10 @@ def bench_engine(
     dtype: Optional[str] = typer.Option(None, help="fp16 / bf16 / fp32 (default: fp16 on CUDA, fp32 on CPU)."),
     repeats: int = typer.Option(1, min=1, help="Take the best of N timings."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
+    switches: str = typer.Option(",".join(SWITCHES), help="Comma-separated rows after the reference ones: "
+                                 + ", ".join(SWITCHES) + " ('' for none)."),
+    compile_unet: bool = typer.Option(False, "--compile", help="Also a torch.compile row (slow to build)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (1 gives steadier CPU timings)."),
 ) -> None:
     """Time a guided edit against an unguided inversion+sampling in the same process; print passes and peak memory.
 
@@ -248,7 +255,12 @@ def bench_engine(
     from luciddrag.engine.bench import format_report, run_bench
 
     try:
-        report = run_bench(model, resolution, steps, intentions, device, dtype, repeats)
+        chosen = [s.strip() for s in switches.split(",") if s.strip()]
+        unknown = [s for s in chosen if s not in SWITCHES]
+        if unknown:
+            _fail(f"unknown switch {unknown[0]!r}: one of {', '.join(SWITCHES)}")
+        report = run_bench(model, resolution, steps, intentions, device, dtype, repeats, switches=chosen,
+                           compile=compile_unet, threads=threads)
     except LucidDragError as exc:
         _fail(str(exc))
     text = format_report(report)
