@@ -227,6 +227,8 @@ def _batch(ctx: AgentContext) -> bool:
 
 MOVE_VERBS = ("move", "shift", "slide", "relocate", "translate", "reposition", "carry", "bring", "put", "place")
 SIZE_WORDS = ("bigger", "smaller", "larger", "enlarge", "shrink", "grow", "scale", "resize", "tiny", "huge")
+GROW_WORDS = ("bigger", "larger", "enlarge", "enlarged", "grow", "huge", "expand", "wider", "taller")
+SHRINK_WORDS = ("smaller", "shrink", "shrunk", "tiny", "reduce", "narrower", "shorter")
 MAX_REGION_FRACTION = 0.5  # a "region" over half the image is the background or a failed segmentation, not an object
 
 
@@ -245,6 +247,14 @@ def region_motion(intention: Intention, ctx: AgentContext) -> str | None:
     if any(w in SIZE_WORDS for w in words):
         return "scale"
     return "translate" if ctx.handle_regions == "always" else None
+
+
+def scale_direction(intention: Intention) -> str | None:
+    """'grow' / 'shrink' when the intention's words say which way the size goes (None: neither or both). The engine
+    keeps the factor's magnitude from the drag and its direction from this word, so "smaller" can never enlarge."""
+    words = set(re.findall(r"[a-z]+", intention.intention.lower()))
+    grow, shrink = bool(words & set(GROW_WORDS)), bool(words & set(SHRINK_WORDS))
+    return "grow" if grow and not shrink else "shrink" if shrink and not grow else None
 
 
 def moves_object(intention: Intention, ctx: AgentContext) -> bool:
@@ -278,19 +288,27 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     prepared = dict(state.get("prepared") or {})
     t0 = time.perf_counter()
     if k not in prepared:
-        motion = region_motion(intentions[k], ctx)
+        image = _image(state["image"])
+        # rigid motion only with an object mask (segmenter or exact): offline on a photo there is none -> patch drag
+        objects = handle_regions(state.get("located"), image.size)
+
+        def how(j: int) -> tuple[str | None, str | None]:
+            motion = region_motion(intentions[j], ctx) if objects is not None else None
+            return motion, scale_direction(intentions[j]) if motion == "scale" else None
+
+        motion, direction = how(k)
         todo = [k]
         if _batch(ctx):  # one batch shares one drag geometry: batch only intentions that drag the same way
             todo += [j for j in range(len(intentions)) if j != k and j not in state.get("tried", [])
-                     and region_motion(intentions[j], ctx) == motion]
+                     and how(j) == (motion, direction)]
 
         def progress(ev):
             _emit(runtime, node="sample", phase=ev.phase, step=ev.step, total=ev.total, intention=intentions[k].intention)
 
-        image = _image(state["image"])
-        regions = handle_regions(state.get("located"), image.size) if motion else None
+        regions = objects if motion else None
         res = sample_intentions(ctx, image, state["drags"], _mask_array(state),
-                                [intentions[j] for j in todo], progress, regions=regions, motion=motion)
+                                [intentions[j] for j in todo], progress, regions=regions, motion=motion,
+                                scale_direction=direction)
         store = _store(runtime)
         for j, im in zip(todo, res.images):
             prepared[j] = store.put_image(im)

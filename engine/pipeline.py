@@ -75,10 +75,23 @@ def capsule_mask(size: tuple[int, int], handles: np.ndarray, targets: np.ndarray
     return out
 
 
-def region_scales(regions: Sequence[np.ndarray | None], handles: np.ndarray,
-                  targets: np.ndarray) -> list[tuple[tuple[float, float], float] | None]:
+def directed_factor(factor: float, direction: str | None) -> float:
+    """A scale factor made to go the way the intention's word says: 'grow' -> >= 1, 'shrink' -> <= 1, None -> as is.
+
+    The magnitude stays the geometry's; when the geometry points the other way (a "bigger" intention whose target lies
+    inside the region) the reciprocal is taken, i.e. the same relative change in the asked direction, rather than
+    clamping to 1 (which would turn a resize the user asked for into no resize at all)."""
+    if direction == "grow" and factor < 1.0:
+        return 1.0 / factor
+    if direction == "shrink" and factor > 1.0:
+        return 1.0 / factor
+    return factor
+
+
+def region_scales(regions: Sequence[np.ndarray | None], handles: np.ndarray, targets: np.ndarray,
+                  direction: str | None = None) -> list[tuple[tuple[float, float], float] | None]:
     """Per drag with a region: (centre, factor) of the scaling about the region's centroid that best carries the
-    handle to its target."""
+    handle to its target, turned the way `direction` says (see `directed_factor`)."""
     out: list[tuple[tuple[float, float], float] | None] = []
     for region, h, t in zip(regions, handles, targets):
         if region is None:
@@ -87,7 +100,8 @@ def region_scales(regions: Sequence[np.ndarray | None], handles: np.ndarray,
         ys, xs = np.nonzero(region)
         centre = (float(xs.mean()), float(ys.mean()))
         c = torch.tensor(centre)
-        out.append((centre, drag_scale(torch.tensor(h, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), c)))
+        factor = drag_scale(torch.tensor(h, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), c)
+        out.append((centre, directed_factor(factor, direction)))
     return out
 
 
@@ -323,7 +337,7 @@ class DragEditor:
 
         # 1. check inputs
         prep = prepare(request.image, request.drags, request.mask, c.native_size, c.size_multiple, request.handle_masks)
-        geometry = self._geometry(prep, cfg, request.region_motion)
+        geometry = self._geometry(prep, cfg, request.region_motion, request.scale_direction)
         sources = list(dict.fromkeys(s for s, _ in pairs))
         rows = torch.tensor([sources.index(s) for s, _ in pairs], device=c.device)
 
@@ -374,7 +388,7 @@ class DragEditor:
                 scales = None
                 if request.region_motion == "scale" and prep.handle_masks:
                     scales = region_scales(prep.handle_masks, geometry.handles.cpu().numpy(),
-                                           geometry.targets.cpu().numpy())
+                                           geometry.targets.cpu().numpy(), request.scale_direction)
                 latents = copy_patches(latents, geometry.handles, geometry.targets, c.vae_scale, radius,
                                        regions=prep.handle_masks, vacate=cfg.vacate_noise, generator=gen,
                                        scales=scales)
@@ -441,11 +455,11 @@ class DragEditor:
         """Pixel spacing of patch cells: DragonDiffusion's 1/4-resolution grid (half a latent cell)."""
         return self.c.vae_scale / 2.0
 
-    def _geometry(self, prep: Prepared, cfg, motion: str = "translate") -> Geometry:
+    def _geometry(self, prep: Prepared, cfg, motion: str = "translate", direction: str | None = None) -> Geometry:
         handles = np.array([d.handle for d in prep.drags], dtype=np.float32)
         targets = np.array([d.target for d in prep.drags], dtype=np.float32)
         regions = prep.handle_masks or [None] * len(prep.drags)
-        scales = region_scales(regions, handles, targets)
+        scales = region_scales(regions, handles, targets, direction)
         if prep.mask is not None:
             editable = prep.mask
         else:

@@ -115,6 +115,10 @@ class EditRequest(BaseModel):
     region_motion: Literal["translate", "scale"] = Field(
         "translate", description="How a handle region follows its drag: translated by the drag vector (move an "
                                  "object), or scaled about its centre so the handle reaches the target (resize it).")
+    scale_direction: Literal["grow", "shrink"] | None = Field(
+        None, description="With region_motion 'scale': the way the intention's word says the size goes. The factor's "
+                          "magnitude comes from the drag geometry; a factor the other way is replaced by its reciprocal "
+                          "('bigger' never shrinks, 'smaller' never grows). None: the geometry alone decides.")
     source_prompt: str = ""
     target_prompt: str = ""
     seed: int = 0

@@ -1,0 +1,113 @@
+"""Rigid region motion only where it is right: the object-moving mode, and resizes that go the way the word says."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import luciddrag.agent.nodes as nodes
+import luciddrag.agent.tools as agent_tools
+from luciddrag.agent.context import AgentContext
+from luciddrag.agent.graph import build_graph
+from luciddrag.engine.pipeline import directed_factor, drag_kind, region_scales
+from luciddrag.tools.schemas import Intention, LocatorResult, mask_to_rle
+
+
+def _it(text: str) -> Intention:
+    return Intention(intention=text, source_prompt="a", target_prompt="a", confidence=1.0)
+
+
+def test_directed_factor_keeps_magnitude_and_takes_the_words_direction():
+    assert directed_factor(2.0, "grow") == 2.0 and directed_factor(0.5, "shrink") == 0.5
+    assert directed_factor(0.5, "grow") == pytest.approx(2.0)  # geometry says shrink, word says grow: reciprocal
+    assert directed_factor(1.6, "shrink") == pytest.approx(0.625)
+    assert directed_factor(0.5, None) == 0.5 and directed_factor(1.0, "grow") == 1.0
+
+
+def test_region_scales_follow_the_word_whatever_the_drag():
+    region = np.zeros((32, 32), bool)
+    region[12:20, 12:20] = True  # centre (15.5, 15.5)
+    h = np.array([[19.5, 15.5]], np.float32)
+    outward, inward = np.array([[23.5, 15.5]], np.float32), np.array([[17.5, 15.5]], np.float32)
+    for target in (outward, inward):
+        (_, grow), = region_scales([region], h, target, "grow")
+        (_, shrink), = region_scales([region], h, target, "shrink")
+        assert grow >= 1.0 and shrink <= 1.0 and grow == pytest.approx(1.0 / shrink)
+    (_, plain), = region_scales([region], h, inward)
+    assert plain == pytest.approx(0.5)  # no word: the geometry alone (unchanged behaviour)
+
+
+def test_scale_direction_words():
+    assert nodes.scale_direction(_it("make the cup bigger")) == "grow"
+    assert nodes.scale_direction(_it("Enlarge the moon")) == "grow"
+    assert nodes.scale_direction(_it("make the circle smaller")) == "shrink"
+    assert nodes.scale_direction(_it("shrink the tree")) == "shrink"
+    assert nodes.scale_direction(_it("resize the box")) is None
+
+
+def _square_scene(size=64):
+    rng = np.random.RandomState(0)
+    arr = (rng.rand(size, size, 3) * 60 + 90).astype(np.uint8)
+    obj = np.zeros((size, size), bool)
+    obj[20:36, 14:30] = True
+    arr[obj] = (200, 40, 40)
+    return Image.fromarray(arr), obj
+
+
+def _run(monkeypatch, tmp_path, image, points, intention, located=None):
+    """Run the graph with a given intention; capture the EditRequest the engine receives."""
+    sent = []
+
+    def edit(req, intentions=None, callback=None):
+        sent.append(req)
+        return SimpleNamespace(images=[image.convert("RGB") for _ in intentions])
+
+    monkeypatch.setattr(agent_tools, "get_editor", lambda ctx: SimpleNamespace(show_progress=False, edit=edit))
+    monkeypatch.setattr(nodes, "score_drag", lambda ctx, o, e, d, prompt="": {
+        "tracked": [p.target for p in d.pairs], "md_px": 0.0, "md_fraction": 0.0})
+    if located is not None:
+        monkeypatch.setattr(nodes, "locate", lambda *a, **k: located)
+    ctx = AgentContext(model="unused", device="cpu", steps=4, locator="offline", reasoner="offline",
+                       artifacts_dir=str(tmp_path / "art"))
+    it = {"intention": intention, "source_prompt": "a photo", "target_prompt": "a photo"}
+    build_graph().invoke({"image": image, "points": points, "intention": it}, context=ctx)
+    assert len(sent) == 1
+    return sent[0]
+
+
+def _segmenter_result(obj, handle, size):
+    return LocatorResult.model_validate({
+        "backend": "sam (facebook/sam-vit-base)", "image_size": list(size), "descriptions": [
+            {"index": 0, "handle": list(handle), "description": "a red square", "region": {
+                "box": [14, 20, 30, 36], "source": "segmentation", "mask_rle": mask_to_rle(obj)}}]})
+
+
+def test_segmenter_mask_plus_move_translates_exactly_that_mask(monkeypatch, tmp_path):
+    image, obj = _square_scene()
+    pts = [(22, 28), (44, 28)]
+    req = _run(monkeypatch, tmp_path, image, pts, "move the red square to the right",
+               _segmenter_result(obj, pts[0], image.size))
+    assert req.region_motion == "translate" and drag_kind(req) == "translate"
+    assert len(req.handle_masks) == 1 and np.array_equal(np.asarray(req.handle_masks[0], bool), obj)
+
+
+@pytest.mark.parametrize("word, direction", [("bigger", "grow"), ("smaller", "shrink")])
+def test_segmenter_mask_plus_size_word_scales_the_way_the_word_says(monkeypatch, tmp_path, word, direction):
+    image, obj = _square_scene()
+    pts = [(28, 28), (32, 28)]  # an outward drag: by geometry alone "smaller" would enlarge
+    req = _run(monkeypatch, tmp_path, image, pts, f"make the red square {word}",
+               _segmenter_result(obj, pts[0], image.size))
+    assert req.region_motion == "scale" and req.scale_direction == direction
+    (_, factor), = region_scales(req.handle_masks, np.array([pts[0]], np.float32), np.array([pts[1]], np.float32),
+                                 req.scale_direction)
+    assert (factor > 1.0) if direction == "grow" else (factor < 1.0)
+
+
+def test_offline_on_a_photo_no_rigid_motion(monkeypatch, tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = Image.fromarray(skimage_data.coffee()).resize((200, 150))
+    req = _run(monkeypatch, tmp_path, photo, [(100, 60), (130, 60)], "move the cup to the right")
+    assert req.handle_masks is None and drag_kind(req) == "patch" and req.scale_direction is None
