@@ -200,6 +200,18 @@ def scale_schedule(cfg: GuidanceConfig, from_steps: int, to_steps: int) -> Guida
     return cfg.model_copy(update={"edit_steps": scaled(cfg.edit_steps), "kv_start_step": scaled(cfg.kv_start_step)})
 
 
+DRAGON_STEPS = 50  # DragonDiffusion's schedule is stated for 50 DDIM steps
+DRAGON_REPEATED = (22, 24, 26, 28)  # its repeated steps (0-based sampling step indices of 50)
+DRAGON_PASSES = 3  # passes at each repeated step (re-noised back to the step's level in between)
+
+
+def dragon_repeats(steps: int) -> dict[int, int]:
+    """DragonDiffusion's repeated steps moved to `steps` sampling steps in proportion (half up, as `scale_schedule`);
+    steps that coincide after scaling are repeated once, not twice."""
+    at = {int(math.floor(k * steps / DRAGON_STEPS + 0.5)) for k in DRAGON_REPEATED}
+    return {i: DRAGON_PASSES for i in sorted(at) if i < steps}
+
+
 def request_schedule(request: EditRequest) -> tuple[int, GuidanceConfig]:
     """Sampling steps and guidance config of a request: as given, or the fast preset's."""
     if not request.fast or request.steps <= FAST_STEPS:
@@ -375,8 +387,10 @@ class DragEditor:
         try:
             # 4. invert with the source prompt(s), filling the memory bank and the reference features
             t0 = time.perf_counter()
-            ref_feats, trajectory = self._invert(z0, src_emb, inverse, alphas, pred_type, control, tap, guided_ts, kv_ts,
-                                                 callback)
+            # "matched" reference features are computed while sampling, from the inverted latents: none captured here
+            capture_ts = guided_ts if cfg.reference_features == "inversion" else set()
+            ref_feats, trajectory = self._invert(z0, src_emb, inverse, alphas, pred_type, control, tap, capture_ts,
+                                                 kv_ts, callback)
             zT = trajectory[-1]
             t_invert = time.perf_counter() - t0
 
@@ -395,6 +409,10 @@ class DragEditor:
 
             # 6. sample with the target prompt(s): Algorithm 1, in batches of intentions that fit in memory
             edit_mask = F.adaptive_max_pool2d(geometry.editable[None, None], latents.shape[-2:])[0, 0]
+            # inversion step k lands on the noise level of sampling step n - 1 - k: z_t for each sampling timestep
+            inverted = dict(zip(reversed(timesteps), trajectory[1:]))
+            repeats = {i: p for i, p in dragon_repeats(steps).items() if timesteps[i] in guided_ts} \
+                if cfg.schedule == "dragon" else {}
             t0 = time.perf_counter()
             size = min(self.options.max_batch or len(pairs), len(pairs))
             done: list[tuple[range, object]] = []
@@ -408,6 +426,9 @@ class DragEditor:
                     rows=rows[idx], ref_features=ref_feats, kv_timesteps=frozenset(kv_ts), geometry=geometry,
                     edit_mask=edit_mask,
                     trajectory=tuple(z.index_select(0, rows[idx]) for z in trajectory) if cfg.blend_outside else None,
+                    reference_latents={t: inverted[t].index_select(0, rows[idx]) for t in guided_ts}
+                    if cfg.reference_features == "matched" else None,
+                    repeats=repeats, noise=torch.Generator().manual_seed(request.seed + 1),
                 )
                 try:
                     out = collaborative_guidance_sample(self._unet_call(control, tap, plan.rows), latents[idx], plan,

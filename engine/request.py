@@ -72,6 +72,15 @@ class GuidanceConfig(BaseModel):
     blend_outside: bool = Field(
         True, description="Outside the editable region, pin each sampling step to the inversion's latent of that "
                           "step, so the unedited part reproduces the input exactly (up to the VAE).")
+    reference_features: Literal["inversion", "matched"] = Field(
+        "inversion", description="What the energies compare against at step t. inversion: the features captured while "
+                                 "inverting (source prompt, one step less noisy; free). matched: the UNet's features at "
+                                 "the inverted latent z_t of the same step with the target prompt, as DragonDiffusion "
+                                 "does (one more no-grad UNet forward per guided step).")
+    schedule: Literal["default", "dragon"] = Field(
+        "default", description="default: one pass per step. dragon: DragonDiffusion's repeated guided steps -- steps "
+                               "22/24/26/28 of 50 (scaled to other step counts) run 3 passes each, re-noised back to "
+                               "the step's noise level in between.")
     max_region_cells: int = Field(
         192, ge=1, description="Handle regions are sampled on the patch grid; at most this many cells per drag.")
     auto_mask_radius: float = Field(

@@ -56,6 +56,11 @@ class SamplingPlan:
     geometry: Geometry
     edit_mask: torch.Tensor  # (h, w) 0/1 at latent resolution: where editing guidance may act
     trajectory: tuple[torch.Tensor, ...] | None = None  # z_0..z_T per intention: outside-blend target, or None
+    # "matched" reference features: timestep -> the inverted latent z_t per intention; the reference features of step
+    # t are then the UNet's at z_t with the target prompt (one no-grad forward), not the inversion pass's
+    reference_latents: Mapping[int, torch.Tensor] | None = None
+    repeats: Mapping[int, int] = field(default_factory=dict)  # step index -> passes (re-noised back to t in between)
+    noise: torch.Generator | None = None  # CPU generator for the re-noising of repeated steps (seeded: deterministic)
 
 
 @dataclass
@@ -128,6 +133,27 @@ def guidance_gradient(terms: Sequence[GuidanceTerm], ctx: GuidanceContext, edit_
     return total.detach(), report, len(groups)
 
 
+def reference_features(unet_call: UNetCall, plan: SamplingPlan, t: int) -> dict[int, torch.Tensor]:
+    """The reference features the energies compare against at timestep t, per intention.
+
+    "inversion" (no `plan.reference_latents`): those captured while inverting, at the source prompt, one step less
+    noisy. "matched": the UNet's features at the inverted latent z_t of the same timestep with the intention's target
+    prompt, as DragonDiffusion computes them (no K/V injection: a plain evaluation of the reference)."""
+    if plan.reference_latents is None:
+        return {b: f.index_select(0, plan.rows) for b, f in plan.ref_features[t].items()}
+    with torch.no_grad():
+        _, feats = unet_call(plan.reference_latents[t], t, plan.text_embeddings, "off", capture=True)
+    return {b: f.detach() for b, f in feats.items()}
+
+
+def renoise(latents: torch.Tensor, a_t: float, a_prev: float, generator: torch.Generator | None) -> torch.Tensor:
+    """z_{t-1} -> z_t by the forward process q(z_t | z_{t-1}) = N(sqrt(a_t/a_prev) z, (1 - a_t/a_prev) I), so a
+    repeated step starts again from its own noise level (DragonDiffusion's repeated guided steps)."""
+    ratio = a_t / a_prev
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+    return (math.sqrt(ratio) * latents.float() + math.sqrt(1.0 - ratio) * noise).to(latents.dtype)
+
+
 def collaborative_guidance_sample(unet_call: UNetCall, latents: torch.Tensor, plan: SamplingPlan,
                                   terms: Sequence[GuidanceTerm],
                                   callback: Callable[[StepEvent], None] | None = None,
@@ -145,8 +171,10 @@ def collaborative_guidance_sample(unet_call: UNetCall, latents: torch.Tensor, pl
     3. *Quality guidance* (Eq. 8): a discriminator term, w_q * -log D(real | z_t), when the engine added one.
     4. The energies' gradients, each masked to its region, are added to the noise estimate as classifier guidance
        (Eq. 5/12, 16): eps~ = eps_cfg + sqrt(1 - alpha_bar_t) * grad E, and the DDIM step is taken in fp32.
-    5. Outside the editable mask the latents are pinned to the inversion's trajectory (`plan.trajectory`), so the
-       unedited part reproduces the input.
+    5. Outside the editable mask the latents are pinned to the inversion's trajectory (`plan.trajectory`), when the
+       plan has one, so the unedited part reproduces the input.
+    6. Steps in `plan.repeats` (DragonDiffusion's schedule) run several passes: after each but the last, z_{t-1} is
+       re-noised back to t and the step is taken again, giving the guidance more iterations where it matters.
 
     Terms whose gradient cannot change the result are not differentiated (see `backward_groups`).
     """
@@ -156,42 +184,50 @@ def collaborative_guidance_sample(unet_call: UNetCall, latents: torch.Tensor, pl
     keep_outside = plan.edit_mask.bool()[None, None]
     diagnostics: list[dict] = []
     backwards = 0
+    guided_ts = plan.reference_latents.keys() if plan.reference_latents is not None else plan.ref_features.keys()
     for i, t in enumerate(tqdm(plan.timesteps, desc="sample", disable=not progress, leave=False)):
         kv: KVMode = "inject" if t in plan.kv_timesteps else "off"
         a_t = float(alphas[t])
         active = [term for term in terms if term.active(i, n)]
         record: dict = {"step": i, "timestep": t}
-        grad = None
-        if active and t in plan.ref_features:
-            # steps 1-3: one forward with grad; every term reads its features, one backward per mask group
-            with torch.enable_grad():
-                x = latents.detach().requires_grad_(True)
-                eps_c, feats = unet_call(x, t, plan.text_embeddings, kv, capture=True)
-                ref = {b: f.index_select(0, plan.rows) for b, f in plan.ref_features[t].items()}
-                ctx = GuidanceContext(i, n, t, a_t, x, feats, ref, plan.text_embeddings, plan.geometry)
-                grad, energies, used = guidance_gradient(active, ctx, plan.edit_mask, blend)
-                backwards += used
-            record.update(energies)
-            eps_c = eps_c.detach()
-        else:
+        passes = plan.repeats.get(i, 1)
+        for p in range(passes):
+            if p > 0:  # step 6: back to t's noise level for another pass
+                nxt = plan.timesteps[i + 1] if i + 1 < n else None
+                a_prev = float(alphas[nxt] if nxt is not None else plan.scheduler.final_alpha_cumprod)
+                latents = renoise(latents, a_t, a_prev, plan.noise)
+                record["passes"] = p + 1
+            grad = None
+            if active and t in guided_ts:
+                # steps 1-3: one forward with grad; every term reads its features, one backward per mask group
+                ref = reference_features(unet_call, plan, t)
+                with torch.enable_grad():
+                    x = latents.detach().requires_grad_(True)
+                    eps_c, feats = unet_call(x, t, plan.text_embeddings, kv, capture=True)
+                    ctx = GuidanceContext(i, n, t, a_t, x, feats, ref, plan.text_embeddings, plan.geometry)
+                    grad, energies, used = guidance_gradient(active, ctx, plan.edit_mask, blend)
+                    backwards += used
+                record.update(energies)
+                eps_c = eps_c.detach()
+            else:
+                with torch.no_grad():
+                    eps_c, _ = unet_call(latents, t, plan.text_embeddings, kv)
             with torch.no_grad():
-                eps_c, _ = unet_call(latents, t, plan.text_embeddings, kv)
-        with torch.no_grad():
-            # CFG, guidance and the DDIM step in fp32 whatever the UNet's dtype: near zero terminal SNR the step
-            # divides by sqrt(alpha_bar) ~ 1e-3, and fp16 rounding of eps would be amplified 1000x
-            x32 = latents.float()
-            eps = to_epsilon(eps_c.float(), x32, a_t, plan.prediction_type)
-            if plan.guidance_scale != 1.0:  # at scale 1 CFG is the conditional prediction: skip the unconditional
-                eps_u, _ = unet_call(latents, t, plan.null_embeddings, kv)
-                eps_u = to_epsilon(eps_u.float(), x32, a_t, plan.prediction_type)
-                eps = eps_u + plan.guidance_scale * (eps - eps_u)
-            if grad is not None:
-                # step 4: classifier guidance on epsilon (paper Eq. 16): eps + sqrt(1 - alpha_bar) * grad E
-                eps = eps + math.sqrt(1.0 - a_t) * grad.float()
-            latents = plan.scheduler.step(eps, t, x32).prev_sample.to(latents.dtype)
-            if blend:
-                # step 5: outside the editable region, follow the inversion's own path back to the input
-                latents = torch.where(keep_outside, latents, plan.trajectory[n - 1 - i].to(latents.dtype))
+                # CFG, guidance and the DDIM step in fp32 whatever the UNet's dtype: near zero terminal SNR the step
+                # divides by sqrt(alpha_bar) ~ 1e-3, and fp16 rounding of eps would be amplified 1000x
+                x32 = latents.float()
+                eps = to_epsilon(eps_c.float(), x32, a_t, plan.prediction_type)
+                if plan.guidance_scale != 1.0:  # at scale 1 CFG is the conditional prediction: skip the unconditional
+                    eps_u, _ = unet_call(latents, t, plan.null_embeddings, kv)
+                    eps_u = to_epsilon(eps_u.float(), x32, a_t, plan.prediction_type)
+                    eps = eps_u + plan.guidance_scale * (eps - eps_u)
+                if grad is not None:
+                    # step 4: classifier guidance on epsilon (paper Eq. 16): eps + sqrt(1 - alpha_bar) * grad E
+                    eps = eps + math.sqrt(1.0 - a_t) * grad.float()
+                latents = plan.scheduler.step(eps, t, x32).prev_sample.to(latents.dtype)
+                if blend:
+                    # step 5: outside the editable region, follow the inversion's own path back to the input
+                    latents = torch.where(keep_outside, latents, plan.trajectory[n - 1 - i].to(latents.dtype))
         diagnostics.append(record)
         if callback:
             callback(StepEvent("sample", i + 1, n, {k: v for k, v in record.items() if isinstance(v, list)}))

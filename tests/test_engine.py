@@ -341,3 +341,93 @@ def test_tracking_search_radius_keeps_a_far_look_alike_from_winning():
     assert nearest_match(src, dst, [(2.0, 2.0)], (8, 8), radii=[20.0]) == [(7.0, 7.0)]
     m = within_radius([(0.0, 0.0)], [1.0], (4, 4)).view(4, 4)
     assert m.sum() == 3 and m[0, 0] and m[0, 1] and m[1, 0] and not m[1, 1]
+
+
+class _RecordRefs:
+    """A zero-weight term that records the reference features it is handed (what the energies compare against)."""
+
+    name, region = "record", "edit"
+
+    def __init__(self, steps):
+        self.steps, self.seen = steps, {}
+
+    def active(self, step, num_steps):
+        return step < self.steps
+
+    def energy(self, ctx):
+        self.seen[ctx.timestep] = {b: f.detach().clone() for b, f in ctx.ref_features.items()}
+        return 0.0 * sum(f.float().mean() for f in ctx.features.values()).reshape(1)
+
+
+def test_inversion_reference_features_are_the_default_and_matched_ones_are_the_unet_at_z_t(tiny_editor):
+    unet = tiny_editor.c.unet
+    calls = []
+    hook = unet.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args[0].detach().clone(), int(args[1]))), with_kwargs=True)
+    try:
+        base = dict(steps=8, guidance=dict(edit_steps=3, init_copy=False))
+        default = tiny_editor.edit(_req(**base))
+        explicit = tiny_editor.edit(_req(steps=8, guidance=dict(edit_steps=3, init_copy=False,
+                                                                reference_features="inversion")))
+        rec = _RecordRefs(3)
+        calls.clear()
+        matched = tiny_editor.edit(_req(steps=8, guidance=dict(edit_steps=3, init_copy=False,
+                                                               reference_features="matched")), extra_terms=[rec])
+    finally:
+        hook.remove()
+    assert torch.equal(default.latents, explicit.latents)
+    # one extra no-grad forward per guided step, nothing else
+    assert matched.stats["unet_forward"] == default.stats["unet_forward"] + 3
+    assert not torch.equal(matched.latents, default.latents)
+    # z_t of timestep t: what the inversion produced at t (the input of the next inversion call, or z_T)
+    inversion, sampling = calls[:8], calls[8:]
+    z_at = {t: z for (_, t), (z, _) in zip(inversion[:-1], inversion[1:])}
+    z_at[inversion[-1][1]] = sampling[0][0]
+    tgt = tiny_editor._encode(["a big red circle"])
+    assert len(rec.seen) == 3
+    for t, refs in rec.seen.items():
+        feats = {}
+        hooks = [unet.up_blocks[b].register_forward_hook(
+            lambda m, i, o, b=b: feats.__setitem__(b, o[0] if isinstance(o, tuple) else o)) for b in refs]
+        with torch.no_grad():
+            unet(z_at[t], t, encoder_hidden_states=tgt)
+        for h in hooks:
+            h.remove()
+        for b, f in refs.items():
+            assert torch.allclose(f, feats[b], atol=1e-5), (t, b)
+
+
+def test_dragon_schedule_repeats_its_steps_deterministically(tiny_editor):
+    from luciddrag.engine.pipeline import dragon_repeats
+
+    assert dragon_repeats(50) == {22: 3, 24: 3, 26: 3, 28: 3}
+    assert dragon_repeats(25) == {11: 3, 12: 3, 13: 3, 14: 3}
+    assert dragon_repeats(8) == {4: 3}  # 3.5, 3.8, 4.2, 4.5 all round to step 4
+    g = dict(edit_steps=6)
+    plain = tiny_editor.edit(_req(steps=8, guidance=g))
+    a = tiny_editor.edit(_req(steps=8, guidance={**g, "schedule": "dragon"}))
+    b = tiny_editor.edit(_req(steps=8, guidance={**g, "schedule": "dragon"}))
+    # step 4 runs 3 passes: 2 more guided (cond + uncond) forwards each, and 2 more backwards
+    assert a.stats["unet_forward"] == plain.stats["unet_forward"] + 2 * 2
+    assert a.stats["unet_backward"] == plain.stats["unet_backward"] + 2
+    assert a.diagnostics[4]["passes"] == 3 and "passes" not in a.diagnostics[3]
+    assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, plain.latents)
+    c = tiny_editor.edit(_req(steps=8, seed=1, guidance={**g, "schedule": "dragon"}))
+    d = tiny_editor.edit(_req(steps=8, seed=1, guidance=g))
+    assert not torch.allclose(c.latents - d.latents, a.latents - plain.latents)  # the re-noise follows the seed
+    # outside its guided steps the schedule repeats nothing
+    e = tiny_editor.edit(_req(steps=8, guidance={"edit_steps": 2, "schedule": "dragon"}))
+    assert e.stats["unet_forward"] == tiny_editor.edit(_req(steps=8, guidance={"edit_steps": 2})).stats["unet_forward"]
+
+
+def test_sd_presets_use_matched_reference_features_and_shapesworld_keeps_the_inversion_ones():
+    from pathlib import Path
+
+    from luciddrag.engine.presets import family_settings, recommended_settings
+
+    for family in ("sd1", "sd2"):
+        cfg = GuidanceConfig(**family_settings(family)["guidance"])
+        assert cfg.reference_features == "matched" and cfg.schedule == "default"
+    world = Path(__file__).resolve().parents[1] / "evals" / "shapesworld" / "model"
+    cfg = GuidanceConfig(**recommended_settings(world).get("guidance", {}))
+    assert cfg.reference_features == "inversion" and cfg.schedule == "default"
