@@ -280,6 +280,17 @@ def handle_regions(located: Any, size: tuple[int, int]) -> list[np.ndarray | Non
     return out if any(m is not None for m in out) else None
 
 
+def painted_regions(mask: np.ndarray | None, drags: DragPoints) -> list[np.ndarray | None] | None:
+    """The user's painted mask as the object under each handle it covers (the object-moving task: DragonDiffusion's
+    move mode paints the object), or None when there is no mask, it is not object-sized, or no handle is on it."""
+    if mask is None or not 0 < mask.mean() <= MAX_REGION_FRACTION:
+        return None
+    h, w = mask.shape
+    out = [mask if mask[min(max(int(p.handle[1]), 0), h - 1), min(max(int(p.handle[0]), 0), w - 1)] else None
+           for p in drags.pairs]
+    return out if any(m is not None for m in out) else None
+
+
 def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     """Sampler tool: edit with the selected intention (or, batched, with every untried one at once)."""
     ctx = _ctx(runtime)
@@ -291,6 +302,11 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         image = _image(state["image"])
         # rigid motion only with an object mask (segmenter or exact): offline on a photo there is none -> patch drag
         objects = handle_regions(state.get("located"), image.size)
+        mask = _mask_array(state)
+        painted = False
+        if objects is None:  # the object-moving task: a user-painted mask is the object under the handles it covers
+            objects = painted_regions(mask, state["drags"])
+            painted = objects is not None
 
         def how(j: int) -> tuple[str | None, str | None]:
             motion = region_motion(intentions[j], ctx) if objects is not None else None
@@ -306,7 +322,9 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
             _emit(runtime, node="sample", phase=ev.phase, step=ev.step, total=ev.total, intention=intentions[k].intention)
 
         regions = objects if motion else None
-        res = sample_intentions(ctx, image, state["drags"], _mask_array(state),
+        if regions is not None and painted:
+            mask = None  # the painted mask is the object, not the editable area: it must be free to leave and arrive
+        res = sample_intentions(ctx, image, state["drags"], mask,
                                 [intentions[j] for j in todo], progress, regions=regions, motion=motion,
                                 scale_direction=direction)
         store = _store(runtime)

@@ -57,7 +57,7 @@ def _square_scene(size=64):
     return Image.fromarray(arr), obj
 
 
-def _run(monkeypatch, tmp_path, image, points, intention, located=None):
+def _run(monkeypatch, tmp_path, image, points, intention, located=None, mask=None):
     """Run the graph with a given intention; capture the EditRequest the engine receives."""
     sent = []
 
@@ -73,7 +73,10 @@ def _run(monkeypatch, tmp_path, image, points, intention, located=None):
     ctx = AgentContext(model="unused", device="cpu", steps=4, locator="offline", reasoner="offline",
                        artifacts_dir=str(tmp_path / "art"))
     it = {"intention": intention, "source_prompt": "a photo", "target_prompt": "a photo"}
-    build_graph().invoke({"image": image, "points": points, "intention": it}, context=ctx)
+    inputs = {"image": image, "points": points, "intention": it}
+    if mask is not None:
+        inputs["mask"] = mask
+    build_graph().invoke(inputs, context=ctx)
     assert len(sent) == 1
     return sent[0]
 
@@ -111,3 +114,30 @@ def test_offline_on_a_photo_no_rigid_motion(monkeypatch, tmp_path):
     photo = Image.fromarray(skimage_data.coffee()).resize((200, 150))
     req = _run(monkeypatch, tmp_path, photo, [(100, 60), (130, 60)], "move the cup to the right")
     assert req.handle_masks is None and drag_kind(req) == "patch" and req.scale_direction is None
+
+
+def _painted(size, box):
+    x0, y0, x1, y1 = box
+    m = np.zeros((size[1], size[0]), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_painted_mask_plus_move_translates_exactly_that_mask_and_frees_the_destination(monkeypatch, tmp_path):
+    """Offline on a photo there is no segmenter region; the user's painted mask is the object to move."""
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = Image.fromarray(skimage_data.coffee()).resize((200, 150))
+    painted = _painted(photo.size, (80, 40, 120, 80))
+    mask_image = Image.fromarray(painted.astype(np.uint8) * 255)
+
+    def run(intention):
+        return _run(monkeypatch, tmp_path, photo, [(100, 60), (150, 60)], intention, mask=mask_image)
+
+    req = run("move the cup to the right")
+    assert req.region_motion == "translate" and drag_kind(req) == "translate"
+    assert np.array_equal(np.asarray(req.handle_masks[0], bool), painted)
+    assert req.mask is None  # the mask was the object, not the editable area (the target lies outside it)
+    req = run("raise the rim of the cup")  # not an object move: a patch drag inside the user's editable mask
+    assert req.handle_masks is None and drag_kind(req) == "patch"
+    assert np.array_equal(np.asarray(req.mask, bool), painted)
+
