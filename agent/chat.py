@@ -27,9 +27,13 @@ from luciddrag.agent.artifacts import ArtifactStore, ImageRef
 from luciddrag.agent.context import AgentContext, check_image_kind, resolve_context
 from luciddrag.agent.grammar import HELP, TOOL_ACTIONS, EditAction, ReplyAction, parse_command
 from luciddrag.agent.graph import build_graph
+from luciddrag.agent.nodes import _image
 from luciddrag.agent.serde import with_artifact_serde
 from luciddrag.engine.errors import LucidDragError
-from luciddrag.tools.llm import LLM_SERVICE_ERRORS, describe_llm_error
+from luciddrag.prompts import load_template
+from luciddrag.tools.llm import LLM_SERVICE_ERRORS, LLMSettings, describe_llm_error, make_chat_model
+from luciddrag.tools.locator import describe_image, locate
+from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
 from luciddrag.tools.schemas import DragPoints, Intention
 
 
@@ -48,8 +52,6 @@ class ChatState(TypedDict, total=False):
 # -- understanding ---------------------------------------------------------------------------------------------------
 
 def _chat_model(ctx: AgentContext):
-    from luciddrag.tools.llm import LLMSettings, make_chat_model
-
     if ctx.chat_model is not None:
         return ctx.chat_model
     settings = ctx.llm or LLMSettings.from_env()
@@ -72,8 +74,6 @@ def chat_prompt_variables(state: ChatState) -> dict[str, str]:
 
 
 def _system_prompt(state: ChatState) -> str:
-    from luciddrag.prompts import load_template
-
     return load_template("chat_system").render(**chat_prompt_variables(state)).messages[0].content
 
 
@@ -158,10 +158,6 @@ def reply(state: ChatState) -> dict:
 
 def propose(state: ChatState, runtime: Runtime[AgentContext]) -> dict:
     """Locate and reason only (no GPU work), so the user can choose."""
-    from luciddrag.agent.nodes import _image
-    from luciddrag.tools.locator import describe_image, locate
-    from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
-
     ctx = resolve_context(runtime.context)
     pts = (state.get("action") or {}).get("points") or (state.get("last") or {}).get("points")
     if state.get("image") is None or not pts:

@@ -10,6 +10,8 @@ from typing import Callable
 from PIL import Image
 
 from luciddrag.agent.context import model_draws
+from luciddrag.agent.web.session import enlarge
+from luciddrag.evals.shapesworld.world import render_scene
 
 
 @dataclass(frozen=True)
@@ -20,8 +22,6 @@ class Example:
 
 
 def _scene(seed: int, n: int | None) -> Example:
-    from luciddrag.evals.shapesworld.world import render_scene
-
     sc = render_scene(seed, n_shapes=n)
     return Example(name=f"ShapesWorld #{seed}", caption=sc.caption, load=lambda: render_scene(seed, n_shapes=n).image)
 
@@ -55,8 +55,6 @@ def bundled_examples(model: str | None = None) -> list[Example]:
 
 def thumbnails(examples: list[Example], folder: Path, side: int = 128) -> list[tuple[str, str]]:
     """(path, label) pairs for the examples gallery, written once per app start."""
-    from luciddrag.agent.web.session import enlarge
-
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, ex in enumerate(examples):

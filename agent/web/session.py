@@ -19,8 +19,11 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from luciddrag.agent.artifacts import ImageRef
+from luciddrag.agent.context import AgentContext, model_defaults
 from luciddrag.engine.errors import InputError
 from luciddrag.engine.request import DEFAULT_GUIDANCE_SCALE, GuidanceConfig
+from luciddrag.tools.drawing import drag_overlay
+from luciddrag.tools.llm import LLMSettings
 
 Point = tuple[int, int]
 
@@ -81,8 +84,6 @@ class WebSettings(BaseModel):
     def for_model(cls, model: str, **overrides: Any) -> WebSettings:
         """Settings whose panel values start from the model folder's recommendations (its luciddrag.json: e.g. CFG 1
         and w_edit 1000 for ShapesWorld); explicit overrides win."""
-        from luciddrag.agent.context import model_defaults
-
         rec = model_defaults(model)
         base: dict[str, Any] = {k: rec[k] for k in ("steps", "guidance_scale", "critic_ensemble") if k in rec}
         if "guidance" in rec:
@@ -94,10 +95,6 @@ class WebSettings(BaseModel):
         """The agent's run context: the model's recommended settings (critic calibration, region drags, ...), then
         the panel's values on top. Without an LLM the offline locator and reasoner are used, so the app works on a
         fresh machine; with an endpoint or key, the LLM-backed ones."""
-        from luciddrag.agent.context import AgentContext, model_defaults
-        from luciddrag.engine.request import GuidanceConfig
-        from luciddrag.tools.llm import LLMSettings
-
         llm = None
         if self.llm_configured:
             llm = LLMSettings.from_env(base_url=self.llm_base_url, model=self.llm_model or None,
@@ -228,8 +225,6 @@ def dim_outside(display: Image.Image, mask: np.ndarray) -> Image.Image:
 def render_canvas(image: Image.Image, points: list[Point], mask: np.ndarray | None = None) -> Image.Image:
     """What the user clicks on: the enlarged image, dimmed outside the mask, with numbered drag pairs (a lone handle
     waiting for its target is drawn as its numbered dot)."""
-    from luciddrag.tools.drawing import drag_overlay
-
     shown = enlarge(image)
     if mask is not None and mask.any():
         shown = dim_outside(shown, mask)

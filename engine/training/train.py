@@ -40,12 +40,24 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from luciddrag.engine.checkpoint import atomic_save, load_checkpoint as read_checkpoint
-from luciddrag.engine.discriminator import (Discriminator, build_discriminator, discrimination_loss, encode_prompts,
-                                  alphas_cumprod, image_to_latents, noisy, save_discriminator)
-from luciddrag.engine.training.data import DataMeta, SynthRecord, read_manifest
+from luciddrag.engine.checkpoint import atomic_save
+from luciddrag.engine.checkpoint import load_checkpoint as read_checkpoint
+from luciddrag.engine.discriminator import (
+    Discriminator,
+    alphas_cumprod,
+    build_discriminator,
+    discrimination_loss,
+    encode_prompts,
+    image_to_latents,
+    load_discriminator,
+    noisy,
+    read_config,
+    save_discriminator,
+)
 from luciddrag.engine.errors import InputError
+from luciddrag.engine.loading import load_components
 from luciddrag.engine.metrics import roc_auc, roc_curve
+from luciddrag.engine.training.data import DataMeta, SynthRecord, read_manifest
 
 DEFAULT_BUCKETS = (0, 250, 500, 750, 1000)
 
@@ -377,8 +389,6 @@ def weights_swapped(disc: Discriminator, weights: dict[str, torch.Tensor] | None
 
 def check_init(folder: Path, pooling: str) -> None:
     """Fail before minutes of latent encoding when --init names no discriminator or one with another head."""
-    from luciddrag.engine.discriminator import read_config
-
     theirs = read_config(folder).pooling
     if theirs != pooling:
         raise InputError(f"--init {folder} uses pooling {theirs!r}, this run {pooling!r}: pass --pooling {theirs}")
@@ -386,8 +396,6 @@ def check_init(folder: Path, pooling: str) -> None:
 
 def init_from(disc: Discriminator, folder: Path, components, pooling: str) -> None:
     """Start from another discriminator's trained weights (checked against this base like any load)."""
-    from luciddrag.engine.discriminator import load_discriminator
-
     check_init(folder, pooling)
     src = load_discriminator(folder, components, use_cache=False)
     disc.model.load_state_dict({k: v.clone() for k, v in src.model.trainable_state().items()}, strict=False)
@@ -413,8 +421,6 @@ def load_checkpoint(folder: Path, disc: Discriminator, opt: torch.optim.Optimize
 
 def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, components=None) -> dict:
     """Train, evaluate per timestep bucket, save discriminator + training_record.json + roc.png in cfg.out."""
-    from luciddrag.engine.loading import load_components
-
     records = read_manifest(cfg.data)
     if not records:
         raise InputError(f"no training data in {cfg.data}: run `luciddrag discriminator synthesize --out {cfg.data}`")

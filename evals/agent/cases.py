@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from luciddrag.engine.errors import InputError
+from luciddrag.evals.shapesworld.tasks import generate_tasks
 
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 
@@ -57,7 +58,6 @@ def build_images(out: Path = CASES_DIR / "images") -> None:  # pragma: no cover 
     import skimage.data as data
     from PIL import Image
 
-    from luciddrag.evals.shapesworld.tasks import generate_tasks
 
     photos = {"astronaut": data.astronaut, "chelsea": data.chelsea, "coffee": data.coffee, "rocket": data.rocket,
               "motorcycle": lambda: data.stereo_motorcycle()[0]}

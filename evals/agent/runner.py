@@ -22,11 +22,16 @@ from unittest import mock
 
 from pydantic import BaseModel, Field
 
+import luciddrag.agent.nodes as nodes
+from luciddrag.agent.context import AgentContext
+from luciddrag.agent.graph import build_graph
 from luciddrag.evals.agent.cases import AgentCase
-from luciddrag.evals.agent.cassette import CassetteServer
+from luciddrag.evals.agent.cassette import CASSETTE_DIR, CassetteServer, load_cassette
 from luciddrag.evals.agent.metrics import case_constraints, diversity, has_any, trajectory_checks
 from luciddrag.prompts import load_template, parse_label
 from luciddrag.tools.llm import LLMSettings
+from luciddrag.tools.locator import LocatorConfig, locate
+from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
 from luciddrag.tools.schemas import DragPoints, HandleDescription, Intention, LocatorResult
 
 PROMPT_NAME = "reason_intentions"
@@ -82,8 +87,6 @@ def _located(case: AgentCase, drags: DragPoints) -> LocatorResult:
         descs = [HandleDescription(index=i, handle=p.handle, description=d)
                  for i, (p, d) in enumerate(zip(drags.pairs, case.handle_descriptions))]
         return LocatorResult(descriptions=descs, backend="case", image_size=size)
-    from luciddrag.tools.locator import LocatorConfig, locate
-
     return locate(str(case.image_path), drags, None, LocatorConfig(backend="offline"))
 
 
@@ -93,8 +96,6 @@ def _schema_valid(backend: str, warnings: Sequence[str]) -> bool:
 
 
 def reason_case(case: AgentCase, settings: LLMSettings, label: str) -> CaseResult:
-    from luciddrag.tools.reasoner import ReasonerConfig, ReasonRequest, reason
-
     drags = DragPoints.from_flat([list(p) for p in case.points])
     request = ReasonRequest(drags=drags, located=_located(case, drags), caption=case.caption, k=case.expect.k)
     res = reason(request, ReasonerConfig(backend="llm", llm=settings, prompt=label))
@@ -107,11 +108,6 @@ def reason_case(case: AgentCase, settings: LLMSettings, label: str) -> CaseResul
 
 def trajectory_case(case: AgentCase, settings: LLMSettings, label: str, max_attempts: int = 3) -> dict[str, Any]:
     """Run the agent graph with a scripted critic; returns nodes, attempts, intentions and checks."""
-    import luciddrag.agent.nodes as nodes
-    from luciddrag.agent.context import AgentContext
-    from luciddrag.agent.graph import build_graph
-    from luciddrag.tools.reasoner import ReasonerConfig
-
     accepts = case.expect.critic_accepts
 
     def fake_sample(ctx, image, drags, mask, intentions, progress=None, **sampler_options):
@@ -174,8 +170,6 @@ def run_agent_eval(cases: Sequence[AgentCase], *, version: int | None = None, mo
                    api_key: str | None = None, structured_output: str | None = None,
                    trajectories: bool = True, synthetic: bool = False, note: str = "",
                    forward: Any = None) -> AgentEvalReport:
-    from luciddrag.evals.agent.cassette import CASSETTE_DIR
-
     label, sha = template_label(version)
     root = cassette_root or CASSETTE_DIR
     name, _ = parse_label(label)
@@ -199,8 +193,6 @@ def run_agent_eval(cases: Sequence[AgentCase], *, version: int | None = None, mo
             elif mode == "record":
                 result.cassette = "recorded"
             results.append(result)
-    from luciddrag.evals.agent.cassette import load_cassette
-
     first = next((c for c in (load_cassette(root, label, r.case) for r in results) if c is not None), None)
     return AgentEvalReport(prompt=label, template_sha256=sha, mode=mode,
                            model=first.meta.model if first else model, synthetic=first.meta.synthetic if first else None,

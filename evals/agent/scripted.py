@@ -14,6 +14,9 @@ import json
 import re
 from typing import Any
 
+from luciddrag.evals.agent.cases import load_cases
+from luciddrag.evals.agent.runner import format_table, run_agent_eval
+
 SCRIPTED_NOTE = ("hand-written answers served by evals/agent/scripted.py through the real ChatOpenAI client; NOT a "
                  "real LLM's output. Re-record with a key: luciddrag eval agent --record")
 
@@ -124,9 +127,6 @@ def scripted_forward(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_scripted(version: int | None = None) -> None:  # pragma: no cover - maintenance
-    from luciddrag.evals.agent.cases import load_cases
-    from luciddrag.evals.agent.runner import format_table, run_agent_eval
-
     report = run_agent_eval(load_cases(), version=version, mode="record", model="scripted-answers",
                             upstream="scripted://evals/agent/scripted.py", synthetic=True, note=SCRIPTED_NOTE,
                             forward=scripted_forward)

@@ -23,6 +23,8 @@ from PIL import Image
 from luciddrag.evals.dragbench.data import CATEGORY_TITLES, DRAGBENCH_CATEGORIES
 from luciddrag.evals.dragbench.metrics import DAI_GAMMAS
 from luciddrag.evals.dragbench.runner import SampleRecord
+from luciddrag.tools.drawing import draw_drags
+from luciddrag.tools.sheet import contact_sheet
 
 TABLES: dict[str, str] = {
     "md": "Mean Distance (px, lower is better) -- paper Tab. 4",
@@ -91,9 +93,6 @@ def write_visuals(out: Path, records: Sequence[SampleRecord], data_images: dict[
                   sheet_samples: int = 12) -> dict[str, Path]:
     """Per sample: input with drags, result with drags (and the tracked handles when MD ran); an HTML page with
     every sample and a PNG contact sheet with the first ``sheet_samples``."""
-    from luciddrag.tools.drawing import draw_drags
-    from luciddrag.tools.sheet import contact_sheet
-
     rows_html, tiles = [], []
     for rec in records:
         folder = out / "samples" / rec.category / rec.name

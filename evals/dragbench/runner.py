@@ -32,9 +32,15 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from luciddrag.agent.artifacts import ArtifactStore
+from luciddrag.agent.context import AgentContext, model_defaults
+from luciddrag.agent.tools import get_editor
 from luciddrag.engine.errors import InputError, LucidDragError
+from luciddrag.evals.dragbench import metrics as M
 from luciddrag.evals.dragbench.data import Format, Sample, load_dataset
-from luciddrag.evals.dragbench.metrics import DAI_GAMMAS, CLIP_MODEL, DiftConfig
+from luciddrag.evals.dragbench.gscore import GSCORE_TEMPERATURE
+from luciddrag.evals.dragbench.metrics import CLIP_MODEL, DAI_GAMMAS, DiftConfig
+from luciddrag.tools.llm import LLMSettings, make_chat_model
 
 Method = Literal["agent", "fixed-intention", "no-intention", "results"]
 METRICS = ("md", "lpips", "clip", "dai", "gscore")
@@ -129,8 +135,6 @@ class Scorers:
             self.chat = chat_model if chat_model is not None else _gscore_chat(cfg)
 
     def score(self, sample: Sample, source: Image.Image, edited: Image.Image, missing: list[str]) -> dict[str, Any]:
-        from luciddrag.evals.dragbench import metrics as M
-
         out: dict[str, Any] = {}
         if "md" in missing:
             found = M.dift_track(self.dift_c, source, edited, sample.handles, sample.prompt, self.cfg.dift)
@@ -163,9 +167,6 @@ class Scorers:
 
 
 def _gscore_chat(cfg: RunConfig) -> Any:
-    from luciddrag.evals.dragbench.gscore import GSCORE_TEMPERATURE
-    from luciddrag.tools.llm import LLMSettings, make_chat_model
-
     settings = LLMSettings.from_env(temperature=GSCORE_TEMPERATURE, model=cfg.gscore_model)
     if not settings.configured:
         raise InputError("GScore needs a vision LLM: set OPENAI_API_KEY (or OPENAI_BASE_URL for a local "
@@ -187,8 +188,6 @@ def find_result(results_dir: Path, sample: Sample) -> Path:
 
 
 def _agent_context(cfg: RunConfig, artifacts: Path):
-    from luciddrag.agent.context import AgentContext, model_defaults
-
     # the model folder's recommended sampler and critic settings (ShapesWorld ships luciddrag.json)
     # what the run asked for wins over the model's recommendations (a family preset names `steps` too)
     ctx = AgentContext(**{**model_defaults(cfg.model),  # type: ignore[arg-type]
@@ -207,8 +206,6 @@ def _agent_context(cfg: RunConfig, artifacts: Path):
 
 def edit_sample(sample: Sample, cfg: RunConfig, ctx: Any, graph: Any) -> tuple[Image.Image, dict[str, Any]]:
     """Run the agent graph on one sample with the method's settings -> (result, what was chosen)."""
-    from luciddrag.agent.artifacts import ArtifactStore
-
     inp: dict[str, Any] = {"image": str(sample.image_path), "points": list(sample.points)}
     if sample.mask is not None and np.asarray(sample.mask).any():
         inp["mask"] = Image.fromarray(np.asarray(sample.mask, dtype=np.uint8) * 255)
@@ -262,8 +259,6 @@ def run(cfg: RunConfig, out: Path, *, progress: bool = True, chat_model: Any = N
         graph = build_graph()
 
     def editing_components():
-        from luciddrag.agent.tools import get_editor
-
         return get_editor(ctx).c
 
     scorers = Scorers(cfg, editing_components if ctx is not None else None, chat_model)

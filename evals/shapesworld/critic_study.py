@@ -24,9 +24,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from luciddrag.engine.tracking import within_radius
-from luciddrag.evals.shapesworld.discriminator_data import (BREAKS, CRITIC_SEED_BASE, _best_threshold, broken_edit,
-                                                  faithful_engine_edits)
+from luciddrag.agent.context import model_defaults
+from luciddrag.engine.discriminator import load_discriminator, score_images
+from luciddrag.engine.errors import LucidDragError
+from luciddrag.engine.loading import load_components
+from luciddrag.engine.metrics import roc_auc
+from luciddrag.engine.tracking import dift_features, within_radius
+from luciddrag.evals.shapesworld import MODEL_DIR
+from luciddrag.evals.shapesworld.discriminator_data import (
+    BREAKS,
+    CRITIC_SEED_BASE,
+    _best_threshold,
+    broken_edit,
+    faithful_engine_edits,
+)
 from luciddrag.evals.shapesworld.tasks import DragTask
 
 DEV_SEED_BASE = 880_000_000  # scenes disjoint from the critic's (8.7e8), the drag suite (8e8) and synthesis (7e8)
@@ -93,9 +104,6 @@ def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block:
     unedited image of a set, one row each."""
     from tqdm.auto import tqdm
 
-    from luciddrag.engine.discriminator import score_images
-    from luciddrag.engine.tracking import dift_features
-
     def feats(im: Image.Image, prompt: str) -> torch.Tensor:
         f = dift_features(components, im, prompt, t, block, ensemble, 42)
         return F.normalize(F.interpolate(f[None], size=im.size[::-1], mode="bilinear", align_corners=False)[0], dim=0)
@@ -117,8 +125,6 @@ def set_signals(folder: Path, rows: list[dict], components, disc, t: int, block:
 
 
 def _auc(pos, neg) -> float:
-    from luciddrag.engine.metrics import roc_auc
-
     return roc_auc(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))])
 
 
@@ -173,12 +179,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=60, help="tasks per set (default 60)")
     ap.add_argument("--timestep", type=int, default=None, help="DIFT timestep (default: the model's critic one)")
     args = ap.parse_args(argv)
-
-    from luciddrag.agent.context import model_defaults
-    from luciddrag.engine.discriminator import load_discriminator
-    from luciddrag.engine.errors import LucidDragError
-    from luciddrag.engine.loading import load_components
-    from luciddrag.evals.shapesworld import MODEL_DIR
 
     settings = model_defaults(MODEL_DIR)
     comps = load_components(str(MODEL_DIR), "cpu")

@@ -15,10 +15,19 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
+from luciddrag.agent.context import AgentContext, model_defaults
+from luciddrag.agent.tools import score_drag
+from luciddrag.engine.discriminator import load_discriminator, read_config, score_images, write_config
+from luciddrag.engine.loading import load_components
+from luciddrag.engine.metrics import roc_auc
+from luciddrag.engine.pipeline import DragEditor
+from luciddrag.engine.request import GuidanceConfig
 from luciddrag.engine.training.data import SourceItem
-from luciddrag.evals.shapesworld import world
+from luciddrag.evals.shapesworld import MODEL_DIR, world
+from luciddrag.evals.shapesworld.drag_eval import config_request
 from luciddrag.evals.shapesworld.scoring import GHOST_THRESHOLD, TaskScore, score_task
 from luciddrag.evals.shapesworld.tasks import DragTask, generate_tasks
+from luciddrag.tools.schemas import DragPoints
 
 SYNTH_SEED_BASE = 700_000_000  # disjoint from training scenes of seed 0, the drag suite (8e8) and quality (9e8)
 CRITIC_SEED_BASE = 870_000_000  # held-out scenes for calibrating / checking the critic
@@ -160,11 +169,6 @@ def tracking_fractions(images, tasks, prompts) -> tuple[np.ndarray, float]:
     """The critique node's other check on each image: how far from its target DIFT tracking finds each handle's
     content, as a fraction of the drag length (the model's own critic settings from luciddrag.json); and the
     fraction the node accepts."""
-    from luciddrag.agent.context import AgentContext, model_defaults
-    from luciddrag.agent.tools import score_drag
-    from luciddrag.evals.shapesworld import MODEL_DIR
-    from luciddrag.tools.schemas import DragPoints
-
     ctx = AgentContext(model=str(MODEL_DIR), device="cpu", **model_defaults(MODEL_DIR))
     return np.array([score_drag(ctx, t.scene().image, im, DragPoints.from_flat(t.points), prompt=p)["md_fraction"]
                      for im, t, p in zip(images, tasks, prompts)]), ctx.accept_md_fraction
@@ -176,13 +180,6 @@ def faithful_engine_edits(n: int, seed_base: int, steps: int = 20, max_tries: in
     semantic guidance, the model's luciddrag.json) where that result is one a user keeps: the exact scorer calls it
     faithful and the shape arrived (MD <= 3 px). Tasks whose edit fails are skipped (at most `max_tries` edits).
     `components`: the ShapesWorld model already loaded (else it is loaded here)."""
-    from luciddrag.agent.context import model_defaults
-    from luciddrag.engine.loading import load_components
-    from luciddrag.engine.pipeline import DragEditor
-    from luciddrag.engine.request import GuidanceConfig
-    from luciddrag.evals.shapesworld import MODEL_DIR
-    from luciddrag.evals.shapesworld.drag_eval import config_request
-
     settings = model_defaults(MODEL_DIR)
     guidance, cfg_scale = settings.get("guidance", GuidanceConfig()), float(settings.get("guidance_scale", 1.0))
     editor = DragEditor(components or load_components(str(MODEL_DIR), "cpu"), show_progress=False)
@@ -224,10 +221,6 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
     `engine_edits` > 0 also scores that many engine edits (editing guidance, `steps` steps) and reports how many of
     those the exact scorer calls faithful are accepted, and how many it calls low-fidelity are rejected.
     """
-    from luciddrag.engine.discriminator import load_discriminator, read_config, score_images, write_config
-    from luciddrag.engine.loading import load_components
-    from luciddrag.evals.shapesworld import MODEL_DIR
-
     comps = load_components(str(MODEL_DIR), "cpu")
     disc = load_discriminator(path, comps, use_cache=False)
     if good_from == "engine":
@@ -326,6 +319,4 @@ def calibrate_critic(path, n: int = 60, write: bool = True, engine_edits: int = 
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from luciddrag.engine.metrics import roc_auc
-
     return roc_auc(scores, labels)

@@ -24,10 +24,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from luciddrag.engine.discriminator import load_discriminator, quality_terms
 from luciddrag.engine.pipeline import DragEditor
 from luciddrag.engine.request import EditRequest, GuidanceConfig
+from luciddrag.evals.shapesworld import DISCRIMINATOR_DIR
 from luciddrag.evals.shapesworld.scoring import TaskScore, aggregate, format_table, score_task
 from luciddrag.evals.shapesworld.tasks import DragTask, TaskSuite, default_suite
+from luciddrag.tools.drawing import draw_drags
+from luciddrag.tools.sheet import contact_sheet
 
 OFF = dict(w_edit=0.0, w_content=0.0, w_inpaint=0.0, kv_injection=False, init_copy=False)
 
@@ -51,9 +55,6 @@ def extra_terms_for(config: str, editor: DragEditor) -> list:
     name, _, opts = config.partition("@")
     if "+quality" not in name and name != "all":
         return []
-    from luciddrag.engine.discriminator import load_discriminator, quality_terms
-    from luciddrag.evals.shapesworld import DISCRIMINATOR_DIR
-
     kv = dict(o.split("=", 1) for o in opts.split(",") if "=" in o)
     disc = load_discriminator(kv.get("d", DISCRIMINATOR_DIR), editor.c)  # d=FOLDER: try another discriminator
     return quality_terms(disc, float(kv["w"]) if "w" in kv else None, int(kv["n"]) if "n" in kv else None,
@@ -98,9 +99,6 @@ def run_config(editor: DragEditor, tasks: Sequence[DragTask], config: str, steps
 def contact_sheet_for(tasks: Sequence[DragTask], results: dict[str, list[Image.Image]],
                       scores: dict[str, list[TaskScore]]) -> Image.Image:
     """Rows: tasks; columns: input with arrows, then each configuration's result with its score."""
-    from luciddrag.tools.drawing import draw_drags
-    from luciddrag.tools.sheet import contact_sheet
-
     n = min(len(v) for v in results.values())
     tiles: list[tuple[str, Image.Image]] = []
     for i in range(n):

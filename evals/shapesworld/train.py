@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from luciddrag.engine import position
 from luciddrag.engine.checkpoint import atomic_save, load_checkpoint
-from luciddrag.evals.shapesworld import world
+from luciddrag.evals.shapesworld import quality, world
 
 TRAIN_SEED_STRIDE = 10_000_000  # training scene i of run seed S is render_scene(S * STRIDE + i)
 HELDOUT_SEED_BASE = 900_000_000  # held-out evaluation scenes; never used for training (S < 90)
@@ -619,7 +619,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     print(f"[shapesworld] saved {cfg.out}; training used {train_s / 60:.1f} of {cfg.minutes:.1f} min "
           f"(+{(render_s + encode_s) / 60:.1f} min rendering/encoding)", flush=True)
 
-    from luciddrag.evals.shapesworld import quality
 
     t = time.time()
     comps = load_components(cfg.out)
