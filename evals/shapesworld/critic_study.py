@@ -29,7 +29,7 @@ from luciddrag.engine.discriminator import load_discriminator, score_images
 from luciddrag.engine.errors import LucidDragError
 from luciddrag.engine.loading import load_components
 from luciddrag.engine.metrics import roc_auc
-from luciddrag.engine.tracking import dift_features, within_radius
+from luciddrag.engine.tracking import dift_features, point_distances, within_radius
 from luciddrag.evals.shapesworld import MODEL_DIR
 from luciddrag.evals.shapesworld.discriminator_data import (
     BREAKS,
@@ -91,8 +91,8 @@ def appearance_signals(f_in: torch.Tensor, f_out: torch.Tensor, rgb_in: np.ndarr
     clip = lambda v, hi: int(np.clip(round(v), 0, hi - 1))
     colour = np.mean([np.abs(rgb_in[clip(hy + oy, h), clip(hx + ox, w)]
                              - rgb_out[clip(fy + oy, h), clip(fx + ox, w)]).mean() for ox, oy in offs])
-    length = max(float(np.hypot(tx - hx, ty - hy)), 1e-6)
-    md = float(np.hypot(fx - tx, fy - ty))
+    length = max(point_distances([handle], [target])[0], 1e-6)
+    md = point_distances([(fx, fy)], [target])[0]
     return {"md_px": md, "md_frac": md / length, "length": length, "match": float(sims.max()),
             "disc": float(np.mean([float(_at(f_in, hx + ox, hy + oy) @ _at(f_out, fx + ox, fy + oy))
                                    for ox, oy in offs])),

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from luciddrag.engine.discriminator import load_discriminator, quality_terms
 from luciddrag.engine.pipeline import DragEditor
-from luciddrag.engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine.request import DEFAULT_GUIDANCE_SCALE, EditRequest, GuidanceConfig
 from luciddrag.evals.shapesworld import DISCRIMINATOR_DIR
 from luciddrag.evals.shapesworld.scoring import TaskScore, aggregate, format_table, score_task
 from luciddrag.evals.shapesworld.tasks import DragTask, TaskSuite, default_suite
@@ -62,7 +62,7 @@ def extra_terms_for(config: str, editor: DragEditor) -> list:
 
 
 def config_request(task: DragTask, config: str, steps: int, guidance: GuidanceConfig, use_mask: bool,
-                   seed: int = 0, guidance_scale: float = 5.0, regions: bool = True) -> EditRequest:
+                   seed: int = 0, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, regions: bool = True) -> EditRequest:
     """The engine request for one task under one ablation configuration.
 
     `regions`: the drag carries the whole shape (its mask, as the offline locator segments it), as the agent does:
@@ -80,7 +80,7 @@ def config_request(task: DragTask, config: str, steps: int, guidance: GuidanceCo
 
 
 def run_config(editor: DragEditor, tasks: Sequence[DragTask], config: str, steps: int = 50,
-               guidance: GuidanceConfig | None = None, use_mask: bool = True, guidance_scale: float = 5.0,
+               guidance: GuidanceConfig | None = None, use_mask: bool = True, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
                keep_images: int = 0, progress: bool = True, regions: bool = True) -> tuple[list[TaskScore], list[Image.Image], float]:
     """Edit and score every task; returns scores, the first `keep_images` results, and seconds per task."""
     guidance = guidance or GuidanceConfig()
@@ -117,7 +117,7 @@ def evaluate(editor: DragEditor, n_tasks: int = 100, seed_base: int | None = Non
         "reconstruct", "editing", "editing+semantic"), steps: int = 50, guidance: GuidanceConfig | None = None,
         use_mask: bool = True, out_dir: Path | None = None, sheet_tasks: int = 4,
         families: Sequence[str] = ("move", "resize"), log: Callable[[str], None] = print,
-        guidance_scale: float = 5.0, regions: bool = True) -> dict[str, Any]:
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE, regions: bool = True) -> dict[str, Any]:
     """Run the suite under each configuration; print and optionally write tables, JSON and a contact sheet."""
     suite = default_suite(n_tasks) if seed_base is None else default_suite(n_tasks, seed_base)
     tasks = [t for t in suite.tasks if t.family in families]
