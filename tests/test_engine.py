@@ -12,22 +12,18 @@ from PIL import Image
 from luciddrag.engine import energies as E
 from luciddrag.engine.errors import InputError, ModelLoadError
 from luciddrag.engine.memory import decoder_self_attention_names
-from luciddrag.engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine.request import GuidanceConfig
+from tests.engine_inputs import blocky_image, small_request
 
 OFF = dict(w_edit=0.0, w_content=0.0, w_inpaint=0.0, kv_injection=False, init_copy=False)
 
 
 def _image(w=48, h=40, seed=0):
-    rng = np.random.RandomState(seed)
-    base = np.kron(rng.rand(h // 8 + 1, w // 8 + 1, 3), np.ones((8, 8, 1)))[:h, :w]
-    return Image.fromarray((base * 255).astype(np.uint8))
+    return blocky_image(w, h, seed)
 
 
 def _req(**kw):
-    base = dict(image=_image(), points=[(10, 10), (22, 16)], source_prompt="a red circle",
-                target_prompt="a big red circle", steps=8, seed=0)
-    base.update(kw)
-    return EditRequest.create(**base)
+    return small_request(**{"steps": 8, **kw})
 
 
 def test_loads_through_from_pretrained(tiny_editor):

@@ -12,12 +12,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import luciddrag.engine.pipeline as pipeline
 from luciddrag.engine.guidance import GuidanceContext
-from luciddrag.engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine.request import GuidanceConfig
 from luciddrag.engine.sampling import backward_groups, guidance_gradient, to_epsilon
+from tests.engine_inputs import blocky_image, small_request
 
 
 def legacy_sample(unet_call, latents, plan, terms):
@@ -92,16 +92,11 @@ def both(monkeypatch):
 
 
 def _image(w=48, h=40, seed=0):
-    rng = np.random.RandomState(seed)
-    base = np.kron(rng.rand(h // 8 + 1, w // 8 + 1, 3), np.ones((8, 8, 1)))[:h, :w]
-    return Image.fromarray((base * 255).astype(np.uint8))
+    return blocky_image(w, h, seed)
 
 
 def _req(**kw):
-    base = dict(image=_image(), points=[(10, 10), (22, 16)], source_prompt="a red circle",
-                target_prompt="a big red circle", steps=10, seed=0)
-    base.update(kw)
-    return EditRequest.create(**base)
+    return small_request(**{"steps": 10, **kw})
 
 
 REGION = np.zeros((40, 48), bool)

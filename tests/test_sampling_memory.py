@@ -8,27 +8,22 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import luciddrag.engine.pipeline as pipeline
 from luciddrag.engine.memory import MemoryAttnProcessor, install_memory, uninstall_memory
 from luciddrag.engine.pipeline import DragEditor, EngineOptions, request_schedule, scale_schedule
-from luciddrag.engine.request import EditRequest, GuidanceConfig
+from luciddrag.engine.request import GuidanceConfig
+from tests.engine_inputs import blocky_image, small_request
 
 PAIRS = [("a red circle", "a big red circle"), ("a red circle", "a small red circle"), ("a cat", "a cat moved left")]
 
 
 def _image(w=48, h=40, seed=0):
-    rng = np.random.RandomState(seed)
-    base = np.kron(rng.rand(h // 8 + 1, w // 8 + 1, 3), np.ones((8, 8, 1)))[:h, :w]
-    return Image.fromarray((base * 255).astype(np.uint8))
+    return blocky_image(w, h, seed)
 
 
 def _req(**kw):
-    base = dict(image=_image(), points=[(10, 10), (22, 16)], source_prompt="a red circle",
-                target_prompt="a big red circle", steps=8, seed=0)
-    base.update(kw)
-    return EditRequest.create(**base)
+    return small_request(**{"steps": 8, **kw})
 
 
 def _editor(tiny_model_dir, **options) -> DragEditor:
