@@ -127,6 +127,23 @@ def test_shapesworld_drag_from_an_edge_inward_on_a_big_shape_is_smaller_first() 
     assert first.source_prompt == scene.caption
 
 
+def test_shapesworld_combined_reading_that_cannot_change_size_leaves_the_move_in_place() -> None:
+    """A big shape dragged outward from its edge cannot get bigger in the world's words: "bigger and move it" would
+    carry the move's exact prompts (with a resize motion) and push the move out as a duplicate. The move stays."""
+    found = 0
+    for seed in range(60):
+        scene = render_scene(seed)
+        for shape in (s for s in scene.shapes if s.size_word == "big"):
+            handle, target = _edge_drag(shape, outward=+8)
+            if target[0] - handle[0] < 6:
+                continue
+            texts = [i.intention for i in offline_reason(shapes_request(scene, handle, target)).intentions]
+            assert any(t.startswith("move ") for t in texts), texts
+            assert not any("bigger and move" in t for t in texts), texts
+            found += 1
+    assert found >= 5
+
+
 def test_edit_shapes_caption_fills_in_words_the_caption_left_out() -> None:
     attrs = {"shape": "circle", "colour": "red", "size": "small", "position": "on the left"}
     src, tgt = edit_shapes_caption("a red circle and a big blue square", attrs, size="big")

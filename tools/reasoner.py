@@ -487,10 +487,12 @@ def _combined_prompts(caption: str, cands: Sequence[Candidate]) -> tuple[str, st
     return world.reasoner.combine(caption, [c.edit for c in cands]) if world and world.reasoner else None
 
 
-def _unnamed_objects(descriptions: Sequence[HandleDescription]) -> bool:
-    """Some handle has an object mask (a segmenter's) but no name: readings with identical prompts then still
-    differ in how the agent moves that mask (translate, rescale, patch drag), so they are all kept."""
-    return any(_is_generic(d) and d.region is not None and d.region.mask_rle is not None for d in descriptions)
+def _object_masks(descriptions: Sequence[HandleDescription]) -> bool:
+    """Some handle has an object mask (a segmenter's or a world's): readings with identical prompts then still differ
+    in how the agent moves that mask (translate, rescale, patch drag), so they are all kept. (A world's "make the big
+    circle bigger" has the caption on both sides, as has a move that keeps its position words; dropping one as the
+    other's duplicate removed the move reading from 7 of 60 held-out ShapesWorld moves.)"""
+    return any(d.region is not None and d.region.mask_rle is not None for d in descriptions)
 
 
 def offline_reason(request: ReasonRequest) -> ReasonerResult:
@@ -524,7 +526,7 @@ def offline_reason(request: ReasonRequest) -> ReasonerResult:
                                     target_prompt=prompts[1], confidence=score))
     # The rules' own duplicates (two readings that steer identically) are expected: no warnings for them.
     intentions, _ = clean_intentions(candidates, request.k,
-                                     distinct_prompts=not _unnamed_objects(request.located.descriptions))
+                                     distinct_prompts=not _object_masks(request.located.descriptions))
     return ReasonerResult(intentions=intentions, backend=OFFLINE_BACKEND)
 
 

@@ -216,6 +216,12 @@ class ShapesWorldReasoner:
         edits = {"move": {"position": moved_to}, "bigger": {"size": grow_to}, "smaller": {"size": shrink_to},
                  "move+bigger": {"position": moved_to, "size": grow_to},
                  "move+smaller": {"position": moved_to, "size": shrink_to}}
+        # A combined reading whose size word cannot change (a big shape made bigger) has the move's very prompts;
+        # kept, it would out-score the move as a duplicate and take the move's place with a resize motion (7 of 60
+        # held-out moves had no move reading left that way). It *is* the move: dropped.
+        for kind, size in (("move+bigger", grow_to), ("move+smaller", shrink_to)):
+            if size == attrs["size"]:
+                del edits[kind]
         prompts: dict[str, tuple[str, str]] = {}
         for kind, change in edits.items():
             pair = edit_shapes_caption(caption, attrs, **change)
