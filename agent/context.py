@@ -53,6 +53,10 @@ class AgentContext:
     handle_regions: Literal["auto", "always", "never"] = "auto"
     """Drag the locator's whole object region ('auto': translated for intentions that move an object, scaled for
     size changes, a patch around the point for other deformations such as 'raise the head')."""
+    size_change: float = 1.5
+    """How much "bigger" grows an object (and "smaller" shrinks it: the reciprocal) when an intention both resizes
+    and moves it with one drag on it: one point cannot tell the two apart, so the word's factor comes from here (two
+    or more drags on the object fit their own). A world's model may recommend its own (ShapesWorld: 1.9)."""
     batch_intentions: Literal["auto", "on", "off"] = "auto"
     """Sample every intention in one batch on the first attempt (nearly free on a GPU; 'auto' = on with CUDA)."""
     # reasoning
@@ -119,7 +123,7 @@ class AgentContext:
 
 _CONTEXT_KEYS = {"guidance_scale", "steps", "accept_md_fraction", "critic_search", "critic_timestep", "critic_block",
                  "critic_ensemble", "min_quality", "w_quality", "quality_steps", "quality_motions",
-                 "handle_regions"}
+                 "handle_regions", "size_change"}
 
 
 def model_defaults(model: str | os.PathLike | None) -> dict[str, Any]:

@@ -234,10 +234,11 @@ MAX_REGION_FRACTION = 0.5  # a "region" over half the image is the background or
 
 def region_motion(intention: Intention, ctx: AgentContext) -> str | None:
     """How this intention drags the locator's object region: "translate" (move the whole object), "scale" (resize
-    it about its centre), or None (deform around the handle point: a patch drag).
+    it about its centre), "similarity" (resize and move it), or None (deform around the handle point: a patch drag).
 
     'auto' reads the intention: a leading move verb ("move the circle to the right") translates; a size word
-    ("make the circle bigger") scales; anything else ("raise the horse's head") is a patch drag.
+    ("make the circle bigger") scales, and with a move verb too ("make it bigger and move it left") also moves;
+    anything else ("raise the horse's head") is a patch drag.
     """
     if ctx.handle_regions == "never":
         return None
@@ -245,8 +246,16 @@ def region_motion(intention: Intention, ctx: AgentContext) -> str | None:
     if words and words[0] in MOVE_VERBS:
         return "translate"
     if any(w in SIZE_WORDS for w in words):
-        return "scale"
+        return "similarity" if any(w in MOVE_VERBS for w in words) else "scale"
     return "translate" if ctx.handle_regions == "always" else None
+
+
+def size_factor(ctx: AgentContext, direction: str | None) -> float | None:
+    """The size factor a resize-and-move with one drag per object gets from its word (see AgentContext.size_change):
+    "bigger" -> size_change, "smaller" -> its reciprocal, no word -> None (the engine then only moves it)."""
+    if not 1.0 < ctx.size_change <= 10.0:
+        raise InputError(f"size_change must be in (1, 10], not {ctx.size_change!r}: it is how much 'bigger' grows")
+    return ctx.size_change if direction == "grow" else 1.0 / ctx.size_change if direction == "shrink" else None
 
 
 def scale_direction(intention: Intention) -> str | None:
@@ -310,7 +319,7 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
 
         def how(j: int) -> tuple[str | None, str | None]:
             motion = region_motion(intentions[j], ctx) if objects is not None else None
-            return motion, scale_direction(intentions[j]) if motion == "scale" else None
+            return motion, scale_direction(intentions[j]) if motion in ("scale", "similarity") else None
 
         motion, direction = how(k)
         todo = [k]
@@ -326,7 +335,8 @@ def sample_node(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
             mask = None  # the painted mask is the object, not the editable area: it must be free to leave and arrive
         res = sample_intentions(ctx, image, state["drags"], mask,
                                 [intentions[j] for j in todo], progress, regions=regions, motion=motion,
-                                scale_direction=direction)
+                                scale_direction=direction,
+                                region_scale=size_factor(ctx, direction) if motion == "similarity" else None)
         store = _store(runtime)
         for j, im in zip(todo, res.images):
             prepared[j] = store.put_image(im)

@@ -41,15 +41,18 @@ def flat_points(drags: DragPoints) -> list[tuple[float, float]]:
 def sample_intentions(ctx: AgentContext, image: Image.Image, drags: DragPoints, mask: np.ndarray | None,
                       intentions: Sequence[Intention], progress: Callable[[StepEvent], None] | None = None,
                       regions: Sequence[np.ndarray | None] | None = None,
-                      motion: str | None = None, scale_direction: str | None = None) -> EditResult:
+                      motion: str | None = None, scale_direction: str | None = None,
+                      region_scale: float | None = None) -> EditResult:
     """The sampler: one edit per intention, all in one batch from one inversion per distinct source prompt.
 
     `regions`: per drag, the object mask that follows the handle (or None: a patch around the point), translated or
-    scaled as `motion` says ("translate" / "scale"; None: a patch drag, which has no region). Which guidance terms
+    scaled as `motion` says ("translate" / "scale" / "similarity" = resized by `region_scale` where one drag is on
+    a region, and moved; None: a patch drag, which has no region). Which guidance terms
     apply (quality guidance for this kind of drag or not) is the engine's decision."""
     req = EditRequest.create(image=image, points=flat_points(drags), mask=mask, steps=ctx.steps,
                              handle_masks=list(regions) if regions is not None else None,
-                             region_motion=motion or "translate", scale_direction=scale_direction, fast=ctx.fast,
+                             region_motion=motion or "translate", scale_direction=scale_direction,
+                             region_scale=region_scale, fast=ctx.fast,
                              guidance_scale=ctx.guidance_scale, seed=ctx.seed, guidance=ctx.guidance,
                              quality=quality_request(ctx))
     pairs = [(i.source_prompt, i.target_prompt) for i in intentions]

@@ -105,12 +105,63 @@ def region_scales(regions: Sequence[np.ndarray | None], handles: np.ndarray, tar
     return out
 
 
-def scaled_region(region: np.ndarray, centre: tuple[float, float], factor: float) -> np.ndarray:
-    """The region scaled by `factor` about `centre` (inverse-mapped, so it has no holes)."""
+def region_similarities(regions: Sequence[np.ndarray | None], handles: np.ndarray, targets: np.ndarray,
+                        direction: str | None = None, factor: float | None = None
+                        ) -> list[tuple[tuple[float, float], float, tuple[float, float]] | None]:
+    """Per drag with a region: (centre, factor, shift) of the move-and-resize p -> centre + shift + factor (p - centre)
+    that carries the region's handles to their targets (the "similarity" motion: a resize and a move at once).
+
+    Drags on the same region are fitted together. Two or more give the factor by least squares (centred handles
+    onto centred targets), turned the way `direction` says; a single drag cannot tell a resize from a move, so its
+    factor is `factor` (e.g. from the intention's size word), else 1. The shift then carries the handles' mean onto
+    the targets' mean exactly."""
+    out: list[tuple[tuple[float, float], float, tuple[float, float]] | None] = [None] * len(handles)
+    groups: list[tuple[np.ndarray, list[int]]] = []
+    for i, region in enumerate(regions):
+        if region is None:
+            continue
+        for r, idx in groups:
+            if r is region or (r.shape == region.shape and np.array_equal(r, region)):
+                idx.append(i)
+                break
+        else:
+            groups.append((region, [i]))
+    for region, idx in groups:
+        ys, xs = np.nonzero(region)
+        centre = np.array([xs.mean(), ys.mean()], dtype=np.float64)
+        h = np.asarray(handles, dtype=np.float64)[idx]
+        t = np.asarray(targets, dtype=np.float64)[idx]
+        hc, tc = h - h.mean(0), t - t.mean(0)
+        spread = float((hc * hc).sum())
+        if len(idx) > 1 and spread >= 1.0:
+            s = float(min(max(float((hc * tc).sum()) / spread, 0.25), 4.0))
+        else:
+            s = 1.0 if factor is None else float(factor)
+        s = directed_factor(s, direction)
+        shift = t.mean(0) - centre - s * (h.mean(0) - centre)
+        for i in idx:
+            out[i] = ((float(centre[0]), float(centre[1])), s, (float(shift[0]), float(shift[1])))
+    return out
+
+
+def region_transforms(motion: str, regions: Sequence[np.ndarray | None], handles: np.ndarray, targets: np.ndarray,
+                      direction: str | None = None, factor: float | None = None) -> list[tuple | None]:
+    """Per drag: how its region is resized -- (centre, factor) for "scale", (centre, factor, shift) for
+    "similarity" -- or None (a translated region, a patch drag)."""
+    if motion == "scale":
+        return list(region_scales(regions, handles, targets, direction))
+    if motion == "similarity":
+        return list(region_similarities(regions, handles, targets, direction, factor))
+    return [None] * len(handles)
+
+
+def scaled_region(region: np.ndarray, centre: tuple[float, float], factor: float,
+                  shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """The region scaled by `factor` about `centre`, then moved by `shift` (inverse-mapped, so it has no holes)."""
     h, w = region.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    sx = np.round(centre[0] + (xx - centre[0]) / factor).astype(int)
-    sy = np.round(centre[1] + (yy - centre[1]) / factor).astype(int)
+    sx = np.round(centre[0] + (xx - centre[0] - shift[0]) / factor).astype(int)
+    sy = np.round(centre[1] + (yy - centre[1] - shift[1]) / factor).astype(int)
     ok = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     out = np.zeros_like(region)
     out[ok] = region[sy[ok], sx[ok]]
@@ -140,10 +191,12 @@ def latent_cells(region: np.ndarray, scale: int) -> np.ndarray:
 def copy_patches(latents: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, scale: int, radius: int,
                  regions: Sequence[np.ndarray | None] | None = None, vacate: float = 0.0,
                  generator: torch.Generator | None = None,
-                 scales: Sequence[tuple[tuple[float, float], float] | None] | None = None) -> torch.Tensor:
+                 scales: Sequence[tuple | None] | None = None) -> torch.Tensor:
     """Copy each handle's latent patch (or its whole region) onto its target: DragonDiffusion's z_T initialisation.
 
-    Always reads from the original `latents`, so overlapping drags don't copy already-copied content. `vacate` in
+    `scales` (per drag, or None): (centre, factor) or (centre, factor, shift) of a region that is resized (and moved)
+    rather than translated by the drag. Always reads from the original `latents`, so overlapping drags don't copy
+    already-copied content. `vacate` in
     [0, 1] mixes fresh noise into the cells a moved *region* left (variance-preserving), because the inverted z_T
     there still encodes the object and regrows it as a ghost (measured on ShapesWorld moves: ghost rate 50% -> 17%).
     """
@@ -157,12 +210,13 @@ def copy_patches(latents: torch.Tensor, handles: torch.Tensor, targets: torch.Te
         hx, hy = int(hp[0] // scale), int(hp[1] // scale)
         tx, ty = int(tp[0] // scale), int(tp[1] // scale)
         if region is not None and sc is not None:
-            # scaled region: every latent cell of the new footprint reads the cell it came from
-            (cx, cy), factor = sc
-            for y, x in np.argwhere(latent_cells(scaled_region(region, (cx, cy), factor), scale)):
+            # scaled (and moved) region: every latent cell of the new footprint reads the cell it came from
+            (cx, cy), factor = sc[0], sc[1]
+            ox, oy = sc[2] if len(sc) > 2 else (0.0, 0.0)
+            for y, x in np.argwhere(latent_cells(scaled_region(region, (cx, cy), factor, (ox, oy)), scale)):
                 px, py = (x + 0.5) * scale, (y + 0.5) * scale
-                sx = int((cx + (px - cx) / factor) // scale)
-                sy = int((cy + (py - cy) / factor) // scale)
+                sx = int((cx + (px - cx - ox) / factor) // scale)
+                sy = int((cy + (py - cy - oy) / factor) // scale)
                 if 0 <= sy < h and 0 <= sx < w:
                     out[:, :, y, x] = latents[:, :, sy, sx]
                     written[y, x] = True
@@ -349,7 +403,7 @@ class DragEditor:
 
         # 1. check inputs
         prep = prepare(request.image, request.drags, request.mask, c.native_size, c.size_multiple, request.handle_masks)
-        geometry = self._geometry(prep, cfg, request.region_motion, request.scale_direction)
+        geometry = self._geometry(prep, cfg, request.region_motion, request.scale_direction, request.region_scale)
         sources = list(dict.fromkeys(s for s, _ in pairs))
         rows = torch.tensor([sources.index(s) for s, _ in pairs], device=c.device)
 
@@ -400,9 +454,10 @@ class DragEditor:
                 radius = max(1, round((cfg.patch_radius + 0.5) * self._stride() / c.vae_scale))
                 gen = torch.Generator().manual_seed(request.seed)
                 scales = None
-                if request.region_motion == "scale" and prep.handle_masks:
-                    scales = region_scales(prep.handle_masks, geometry.handles.cpu().numpy(),
-                                           geometry.targets.cpu().numpy(), request.scale_direction)
+                if request.region_motion != "translate" and prep.handle_masks:
+                    scales = region_transforms(request.region_motion, prep.handle_masks,
+                                               geometry.handles.cpu().numpy(), geometry.targets.cpu().numpy(),
+                                               request.scale_direction, request.region_scale)
                 latents = copy_patches(latents, geometry.handles, geometry.targets, c.vae_scale, radius,
                                        regions=prep.handle_masks, vacate=cfg.vacate_noise, generator=gen,
                                        scales=scales)
@@ -476,11 +531,12 @@ class DragEditor:
         """Pixel spacing of patch cells: DragonDiffusion's 1/4-resolution grid (half a latent cell)."""
         return self.c.vae_scale / 2.0
 
-    def _geometry(self, prep: Prepared, cfg, motion: str = "translate", direction: str | None = None) -> Geometry:
+    def _geometry(self, prep: Prepared, cfg, motion: str = "translate", direction: str | None = None,
+                  factor: float | None = None) -> Geometry:
         handles = np.array([d.handle for d in prep.drags], dtype=np.float32)
         targets = np.array([d.target for d in prep.drags], dtype=np.float32)
         regions = prep.handle_masks or [None] * len(prep.drags)
-        scales = region_scales(regions, handles, targets, direction)
+        transforms = region_transforms(motion, regions, handles, targets, direction, factor)
         if prep.mask is not None:
             editable = prep.mask
         else:
@@ -488,9 +544,9 @@ class DragEditor:
             radius = np.maximum(cfg.auto_mask_radius * lengths, cfg.auto_mask_min * min(prep.working_size))
             editable = capsule_mask(prep.working_size, handles, targets, radius)
             # a moving region must be free to leave its place and to arrive at the target, whatever its size
-            for region, h, t, sc in zip(regions, handles, targets, scales):
+            for region, h, t, sc in zip(regions, handles, targets, transforms):
                 if region is not None:
-                    grown = scaled_region(region, *sc) if motion == "scale" else None
+                    grown = scaled_region(region, *sc) if sc is not None else None
                     editable = editable | region_footprint(region, t - h, self.c.vae_scale, grown)
         dev, cell = self.c.device, self._stride()
         h_t, t_t = torch.from_numpy(handles).to(dev), torch.from_numpy(targets).to(dev)
@@ -505,14 +561,16 @@ class DragEditor:
             weights = torch.zeros(len(per), k, device=dev)
             for i, o in enumerate(per):
                 offsets[i, : o.shape[0]], weights[i, : o.shape[0]] = o, 1.0
-            if motion == "scale":
-                # each region cell lands where scaling the region about its centre puts it
+            if motion != "translate":
+                # each region cell lands where scaling the region about its centre (and moving it) puts it
                 dst_offsets = offsets.clone()
-                for i, (region, scale) in enumerate(zip(regions, scales)):
-                    if region is not None:
-                        centre, factor = scale
-                        c_t = torch.tensor(centre, device=dev, dtype=torch.float32)
-                        dst_offsets[i] = scale_about(h_t[i] + offsets[i], c_t, factor) - t_t[i]
+                for i, (region, tf) in enumerate(zip(regions, transforms)):
+                    if region is not None and tf is not None:
+                        c_t = torch.tensor(tf[0], device=dev, dtype=torch.float32)
+                        moved = scale_about(h_t[i] + offsets[i], c_t, tf[1])
+                        if len(tf) > 2:
+                            moved = moved + torch.tensor(tf[2], device=dev, dtype=torch.float32)
+                        dst_offsets[i] = moved - t_t[i]
         return Geometry(
             handles=h_t, targets=t_t,
             editable=torch.from_numpy(editable.astype(np.float32)).to(dev), image_size=prep.working_size,

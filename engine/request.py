@@ -121,11 +121,17 @@ class EditRequest(BaseModel):
     handle_masks: list[Any | None] | None = Field(
         None, description="Per drag (or None): the region that moves with the handle, e.g. the locator's object "
                           "mask. The drag energy then moves that whole region, not just a patch around the point.")
-    region_motion: Literal["translate", "scale"] = Field(
+    region_motion: Literal["translate", "scale", "similarity"] = Field(
         "translate", description="How a handle region follows its drag: translated by the drag vector (move an "
-                                 "object), or scaled about its centre so the handle reaches the target (resize it).")
+                                 "object), scaled about its centre so the handle reaches the target (resize it), or "
+                                 "both at once (similarity: resized by `region_scale` or by the factor its drags "
+                                 "fit, and moved so they reach their targets).")
+    region_scale: float | None = Field(
+        None, gt=0, le=10, description="With region_motion 'similarity': the size factor of a region with a single drag "
+                                       "(one point cannot tell a resize from a move; e.g. from the intention's size "
+                                       "word). Regions with two or more drags fit their own. None: 1.")
     scale_direction: Literal["grow", "shrink"] | None = Field(
-        None, description="With region_motion 'scale': the way the intention's word says the size goes. The factor's "
+        None, description="With region_motion 'scale' or 'similarity': the way the intention's word says the size goes. The factor's "
                           "magnitude comes from the drag geometry; a factor the other way is replaced by its reciprocal "
                           "('bigger' never shrinks, 'smaller' never grows). None: the geometry alone decides.")
     source_prompt: str = ""

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import luciddrag.agent.nodes as nodes
@@ -13,6 +14,7 @@ import luciddrag.agent.tools as agent_tools
 from luciddrag.agent.context import AgentContext
 from luciddrag.agent.graph import build_graph
 from luciddrag.engine.pipeline import directed_factor, drag_kind, region_scales
+from luciddrag.engine.request import EditRequest
 from luciddrag.tools.schemas import Intention, LocatorResult, mask_to_rle
 
 
@@ -141,3 +143,97 @@ def test_painted_mask_plus_move_translates_exactly_that_mask_and_frees_the_desti
     assert req.handle_masks is None and drag_kind(req) == "patch"
     assert np.array_equal(np.asarray(req.mask, bool), painted)
 
+
+
+# ------------------------------------------------------------------------------------------------ resize and move
+
+
+def _square_region(size=32, box=(12, 12, 20, 20)):
+    x0, y0, x1, y1 = box
+    region = np.zeros((size, size), bool)
+    region[y0:y1, x0:x1] = True  # centre ((x0 + x1 - 1) / 2, ...)
+    return region
+
+
+def test_similarity_fits_scale_and_shift_from_two_drags_exactly():
+    from luciddrag.engine.pipeline import region_similarities
+
+    region = _square_region()  # centre (15.5, 15.5)
+    c, s, d = np.array([15.5, 15.5]), 1.5, np.array([4.0, -3.0])
+    handles = np.array([[19.5, 15.5], [11.5, 15.5]])  # opposite edges
+    targets = c + d + s * (handles - c)
+    (c1, s1, d1), (c2, s2, d2) = region_similarities([region, region.copy()], handles, targets)
+    assert s1 == pytest.approx(s) and s2 == pytest.approx(s) and np.allclose(d1, d) and np.allclose(c1, c)
+    # the word can only turn the fitted factor the other way round, never cancel it
+    (_, shrink, _), _ = region_similarities([region, region], handles, targets, "shrink")
+    assert shrink == pytest.approx(1 / s)
+
+
+@pytest.mark.parametrize("factor, direction", [(1.9, "grow"), (1 / 1.9, "shrink"), (None, None)])
+def test_similarity_with_one_drag_takes_the_factor_and_still_lands_the_handle(factor, direction):
+    from luciddrag.engine.pipeline import region_similarities
+
+    region = _square_region()
+    h, t = np.array([[19.5, 15.5]]), np.array([[27.0, 20.0]])
+    ((cx, cy), s, (dx, dy)), = region_similarities([region], h, t, direction, factor)
+    assert s == pytest.approx(1.0 if factor is None else factor)
+    landed = np.array([cx + dx + s * (h[0, 0] - cx), cy + dy + s * (h[0, 1] - cy)])
+    assert np.allclose(landed, t[0])  # the shift carries the handle exactly onto its target
+    if factor is None:
+        assert (dx, dy) == pytest.approx((7.5, 4.5))  # no factor: a plain move by the drag vector
+
+
+def test_similarity_copy_writes_the_moved_and_resized_footprint_only():
+    from luciddrag.engine.pipeline import copy_patches, latent_cells, scaled_region
+
+    region = _square_region(box=(4, 4, 20, 20))  # 16 x 16 about (11.5, 11.5)
+    z = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
+    sc = ((11.5, 11.5), 0.5, (12.0, 12.0))  # half the size, centred on (23.5, 23.5)
+    out = copy_patches(z, torch.tensor([[19.0, 11.0]]), torch.tensor([[27.5, 23.5]]), scale=4, radius=1,
+                       regions=[region], scales=[sc])
+    moved = latent_cells(scaled_region(region, *sc), 4)
+    assert moved.any() and not (moved & latent_cells(region, 4)).any()  # the shrunk copy sits away from the original
+    changed = (out != z)[0, 0].numpy()
+    assert changed[moved].all() and not changed[~moved].any()
+    y, x = np.argwhere(moved)[0]  # each new cell reads the cell its centre came from
+    src = ((x + 0.5) * 4 - 11.5 - 12.0) / 0.5 + 11.5, ((y + 0.5) * 4 - 11.5 - 12.0) / 0.5 + 11.5
+    assert out[0, 0, y, x] == z[0, 0, int(src[1] // 4), int(src[0] // 4)]
+
+
+def test_similarity_edit_on_the_tiny_model_lands_region_cells_where_the_motion_puts_them(tiny_editor):
+    from luciddrag.engine.pipeline import prepare
+    from tests.engine_inputs import blocky_image
+
+    image = blocky_image()
+    region = np.zeros((40, 48), bool)
+    region[8:24, 8:24] = True  # centre (15.5, 15.5)
+    req = EditRequest.create(image=image, points=[(23, 15), (35, 20)], handle_masks=[region], steps=4,
+                             region_motion="similarity", region_scale=1.5, scale_direction="grow",
+                             source_prompt="a red circle", target_prompt="a big red circle")
+    prep = prepare(req.image, req.drags, req.mask, tiny_editor.c.native_size, tiny_editor.c.size_multiple,
+                   req.handle_masks)
+    g = tiny_editor._geometry(prep, req.guidance, req.region_motion, req.scale_direction, req.region_scale)
+    cells = g.handles[0] + g.offsets[0][g.weights[0] > 0]
+    landed = g.targets[0] + g.dst_offsets[0][g.weights[0] > 0]
+    ratio = prep.working_size[0] / image.size[0]
+    c = torch.tensor([15.5, 15.5]) * ratio
+    s = 1.5
+    shift = g.targets[0] - c - s * (g.handles[0] - c)
+    assert torch.allclose(landed, c + shift + s * (cells - c), atol=1e-4)
+    res = tiny_editor.edit(req)
+    assert res.image.size == image.size and torch.isfinite(res.latents).all()
+
+
+def test_resize_and_move_intention_is_the_similarity_motion_with_the_words_factor(monkeypatch, tmp_path):
+    image, obj = _square_scene()
+    pts = [(29, 28), (44, 36)]
+    req = _run(monkeypatch, tmp_path, image, pts, "make the red square bigger and move it to the right",
+               _segmenter_result(obj, pts[0], image.size))
+    assert req.region_motion == "similarity" and req.scale_direction == "grow"
+    assert req.region_scale == pytest.approx(AgentContext().size_change)
+    assert nodes.region_motion(_it("make the cup smaller and move it left"), AgentContext()) == "similarity"
+    assert nodes.region_motion(_it("make the cup smaller"), AgentContext()) == "scale"
+    assert nodes.region_motion(_it("move the cup left"), AgentContext()) == "translate"
+    assert nodes.size_factor(AgentContext(size_change=2.0), "shrink") == pytest.approx(0.5)
+    with pytest.raises(Exception, match="size_change must be in"):
+        nodes.size_factor(AgentContext(size_change=0.5), "grow")

@@ -157,14 +157,17 @@ def plain_request(at: AgentTask, steps: int, guidance: GuidanceConfig, guidance_
 
 
 def oracle_request(at: AgentTask, steps: int, guidance: GuidanceConfig, guidance_scale: float,
-                   seed: int = 0) -> EditRequest:
-    """Row (d): told the family -- the task's own prompts, the shape's mask carried by the drags (translated for a
-    move, scaled for a resize; a move+resize can only be asked as a scale about the centre plus the target prompt's
-    new position: the engine has no combined motion)."""
+                   seed: int = 0, size_change: float = 1.9) -> EditRequest:
+    """Row (d): told the family -- the task's own prompts, the shape's mask carried by the drags: translated for a
+    move, scaled for a resize, resized and moved for a move+resize (the "similarity" motion: one drag takes its
+    factor from the size word, `size_change` or its reciprocal, as the agent does; two fit their own)."""
     t = at.task
+    motion = {"move": "translate", "resize": "scale", "move+resize": "similarity"}[at.family]
+    direction = None if at.family == "move" else "grow" if at.intent.endswith("grow") else "shrink"
+    factor = None if motion != "similarity" else size_change if direction == "grow" else 1.0 / size_change
     return EditRequest.create(image=t.scene().image, points=t.points, mask=t.editable_mask() if at.use_mask else None,
-                              handle_masks=[t.source_mask()] * len(t.drags),
-                              region_motion="translate" if at.family == "move" else "scale",
+                              handle_masks=[t.source_mask()] * len(t.drags), region_motion=motion,
+                              scale_direction=direction if motion == "similarity" else None, region_scale=factor,
                               source_prompt=t.source_prompt, target_prompt=t.target_prompt, steps=steps, seed=seed,
                               guidance_scale=guidance_scale, guidance=guidance)
 
@@ -224,7 +227,7 @@ def run_suite(tasks: Sequence[AgentTask], editor: Any, ctx: Any, rows: Sequence[
             run = run_agent(graph, ctx, at)
             ims["top1"], ims["agent"] = run["first"], run["result"]
         if "oracle" in rows:
-            ims["oracle"] = editor.edit(oracle_request(at, ctx.steps, guidance, cfg, ctx.seed)).image
+            ims["oracle"] = editor.edit(oracle_request(at, ctx.steps, guidance, cfg, ctx.seed, ctx.size_change)).image
         ims = {r: ims[r] for r in rows if r in ims}
         rec = TaskRecord(task_id=at.task.task_id, family=at.family, intent=at.intent, n_points=at.n_points,
                          use_mask=at.use_mask, scores={r: score_task(at.task, _rgb(im)) for r, im in ims.items()},
