@@ -267,10 +267,14 @@ def dragon_repeats(steps: int) -> dict[int, int]:
 
 
 def request_schedule(request: EditRequest) -> tuple[int, GuidanceConfig]:
-    """Sampling steps and guidance config of a request: as given, or the fast preset's."""
+    """Sampling steps and guidance config of a request: as given (with the resize features for a resize), or the
+    fast preset's."""
+    cfg = request.guidance
+    if cfg.resize_feature_blocks is not None and drag_kind(request) in ("scale", "similarity"):
+        cfg = cfg.model_copy(update={"feature_blocks": cfg.resize_feature_blocks})
     if not request.fast or request.steps <= FAST_STEPS:
-        return request.steps, request.guidance
-    return FAST_STEPS, scale_schedule(request.guidance, request.steps, FAST_STEPS)
+        return request.steps, cfg
+    return FAST_STEPS, scale_schedule(cfg, request.steps, FAST_STEPS)
 
 
 def drag_kind(request: EditRequest) -> str:

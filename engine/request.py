@@ -62,6 +62,10 @@ class GuidanceConfig(BaseModel):
     edit_steps: int = Field(30, ge=0, description="n1: editing guidance is applied on the first n1 sampling steps.")
     patch_radius: int = Field(1, ge=0, description="Half-size of the handle/target patches on the feature grid.")
     feature_blocks: tuple[int, ...] = Field((1, 2), description="UNet up_blocks whose outputs are the features.")
+    resize_feature_blocks: tuple[int, ...] | None = Field(
+        None, description="The features of an edit that resizes an object region (region_motion 'scale' or "
+                          "'similarity'), when they should differ from `feature_blocks` (ShapesWorld: the finer block "
+                          "alone matches a resized shape better); None: `feature_blocks`.")
     kv_injection: bool = Field(True, description="Inject the inversion's self-attention K/V into the decoder.")
     kv_start_step: int = Field(5, ge=0, description="First sampling step that uses the memory bank's K/V.")
     kv_mode: Literal["concat", "replace"] = Field("concat", description="concat: attend to own + memory K/V.")

@@ -237,3 +237,21 @@ def test_resize_and_move_intention_is_the_similarity_motion_with_the_words_facto
     assert nodes.size_factor(AgentContext(size_change=2.0), "shrink") == pytest.approx(0.5)
     with pytest.raises(Exception, match="size_change must be in"):
         nodes.size_factor(AgentContext(size_change=0.5), "grow")
+
+
+def test_resize_features_apply_to_resizes_only():
+    from luciddrag.engine.pipeline import request_schedule
+    from luciddrag.engine.request import GuidanceConfig
+    from tests.engine_inputs import small_request
+
+    region = np.zeros((40, 48), bool)
+    region[4:16, 4:16] = True
+    g = GuidanceConfig(resize_feature_blocks=(2,))
+    for motion, blocks in (("translate", (1, 2)), ("scale", (2,)), ("similarity", (2,))):
+        _, cfg = request_schedule(small_request(guidance=g, handle_masks=[region], region_motion=motion))
+        assert cfg.feature_blocks == blocks, motion
+    _, cfg = request_schedule(small_request(guidance=g, region_motion="scale"))  # no region: a patch drag
+    assert cfg.feature_blocks == (1, 2)
+    _, cfg = request_schedule(small_request(guidance=g, handle_masks=[region], region_motion="scale", fast=True,
+                                            steps=50))
+    assert cfg.feature_blocks == (2,) and cfg.edit_steps == 15  # and the fast schedule on top

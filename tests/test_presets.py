@@ -64,6 +64,7 @@ def test_shapesworld_settings_are_exactly_its_own_file():
     rec = model_defaults(MODEL_DIR)
     assert rec["guidance"] == GuidanceConfig(**own["guidance"])
     assert rec["guidance_scale"] == own["guidance_scale"] and rec["accept_md_fraction"] == own["accept_md_fraction"]
+    assert rec["size_change"] == own["size_change"] and rec["guidance"].resize_feature_blocks == (2,)
     assert rec["guidance"].blend_outside is GuidanceConfig().blend_outside  # untouched by any SD preset
 
 
