@@ -32,7 +32,7 @@ from luciddrag.engine.request import DragPair, EditRequest, GuidanceConfig
 from luciddrag.evals.shapesworld import world
 from luciddrag.evals.shapesworld.scoring import TaskScore, score_task
 from luciddrag.evals.shapesworld.tasks import (MOVE_LENGTH_RANGE, DragTask, SpecModel, _changed, _placeable,
-                                               boundary_distance, make_move_task, make_resize_task)
+                                               edge_drags, make_move_task, make_resize_task)
 
 AGENT_SEED_BASE = 890_000_000  # held out: the drag suite uses 8e8 (+5e7), the critic 8.7e8 / 8.8e8, synthesis 7e8
 FAMILY_OFFSET = {"move": 0, "resize": 1_000_000, "move+resize": 2_000_000}
@@ -85,15 +85,7 @@ def make_move_resize_task(scene: world.Scene, rng: np.random.Generator, task_id:
         if not _placeable(new, others, size):
             continue
         gt = world.scene_shape(new, size, size)
-        scale = new.size / shp.spec.size
-        base = rng.uniform(0, 2 * math.pi)
-        drags = []
-        for j in range(n_points):
-            a = base + j * math.pi
-            r = boundary_distance(shp.spec, a)
-            ex, ey = r * math.cos(a), r * math.sin(a)
-            drags.append(DragPair(handle=(shp.spec.cx + ex, shp.spec.cy + ey),
-                                  target=(new.cx + scale * ex, new.cy + scale * ey)))
+        drags = edge_drags(shp.spec, new, rng.uniform(0, 2 * math.pi), n_points)
         tgt_caption = world.join_descriptions(
             [gt.description() if i == k else s.description() for i, s in enumerate(scene.shapes)])
         src_words = f"{shp.size_word} {shp.position}"
@@ -165,6 +157,7 @@ def oracle_request(at: AgentTask, steps: int, guidance: GuidanceConfig, guidance
     motion = {"move": "translate", "resize": "scale", "move+resize": "similarity"}[at.family]
     direction = None if at.family == "move" else "grow" if at.intent.endswith("grow") else "shrink"
     factor = None if motion != "similarity" else size_change if direction == "grow" else 1.0 / size_change
+    # a resize's drags on the edge already say which way it goes; a one-point move+resize needs the word
     return EditRequest.create(image=t.scene().image, points=t.points, mask=t.editable_mask() if at.use_mask else None,
                               handle_masks=[t.source_mask()] * len(t.drags), region_motion=motion,
                               scale_direction=direction if motion == "similarity" else None, region_scale=factor,

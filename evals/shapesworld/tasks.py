@@ -214,6 +214,19 @@ def make_move_task(scene: world.Scene, rng: np.random.Generator, task_id: str, n
     return None
 
 
+def edge_drags(old: world.ShapeSpec, new: world.ShapeSpec, base_angle: float, n_points: int) -> list[Drag]:
+    """Drags on the edge of ``old`` along rays from its centre (``base_angle``, then the opposite side), each to
+    where the resize-and-move old -> new carries it: new centre + (new size / old size) x edge offset."""
+    scale = new.size / old.size
+    drags = []
+    for j in range(n_points):
+        a = base_angle + j * math.pi
+        r = boundary_distance(old, a)
+        drags.append(Drag(handle=(old.cx + r * math.cos(a), old.cy + r * math.sin(a)),
+                          target=(new.cx + scale * r * math.cos(a), new.cy + scale * r * math.sin(a))))
+    return drags
+
+
 def make_resize_task(scene: world.Scene, rng: np.random.Generator, task_id: str, n_shapes: int,
                      n_points: int = 1, tries: int = 100) -> DragTask | None:
     """A resize task (small -> big or big -> small about the centroid), or None if the new size does not fit.
@@ -234,15 +247,7 @@ def make_resize_task(scene: world.Scene, rng: np.random.Generator, task_id: str,
         if gt.position != shp.position:
             # Discretisation moved the centroid across a grid line: the caption would change two words.
             continue
-        scale = new.size / shp.spec.size
-        base_angle = rng.uniform(0, 2 * math.pi)
-        drags = []
-        for j in range(n_points):
-            a = base_angle + j * math.pi
-            r = boundary_distance(shp.spec, a)
-            hx, hy = shp.spec.cx + r * math.cos(a), shp.spec.cy + r * math.sin(a)
-            tx, ty = shp.spec.cx + scale * r * math.cos(a), shp.spec.cy + scale * r * math.sin(a)
-            drags.append(Drag(handle=(hx, hy), target=(tx, ty)))
+        drags = edge_drags(shp.spec, new, rng.uniform(0, 2 * math.pi), n_points)
         tgt_caption = world.join_descriptions(
             [gt.description() if i == k else s.description() for i, s in enumerate(scene.shapes)])
         return DragTask(
