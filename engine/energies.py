@@ -26,18 +26,28 @@ def patch_offsets(radius: int, stride: float, device=None) -> torch.Tensor:
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
 
 
-def sample_at(feat: torch.Tensor, xy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly sample (B, C, h, w) features at pixel positions xy (N, 2) -> (B, C, N).
+def pixel_grid(xy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel positions xy (N, 2) -> (N, 2) `grid_sample` coordinates in [-1, 1].
 
     Pixel centres sit at i + 0.5 of a W x H image, matching `align_corners=False` at any feature resolution.
     """
     w, h = image_size
-    g = torch.empty_like(xy, dtype=feat.dtype)
+    g = torch.empty_like(xy)
     g[:, 0] = (xy[:, 0] + 0.5) / w * 2 - 1
     g[:, 1] = (xy[:, 1] + 0.5) / h * 2 - 1
-    grid = g.view(1, 1, -1, 2).expand(feat.shape[0], 1, -1, 2)
-    out = F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return g
+
+
+def sample_grid(feat: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample (B, C, h, w) features at `pixel_grid` coordinates (N, 2) -> (B, C, N)."""
+    g = grid.to(feat.dtype).view(1, 1, -1, 2).expand(feat.shape[0], 1, -1, 2)
+    out = F.grid_sample(feat, g, mode="bilinear", padding_mode="border", align_corners=False)
     return out[:, :, 0, :]
+
+
+def sample_at(feat: torch.Tensor, xy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly sample (B, C, h, w) features at pixel positions xy (N, 2) -> (B, C, N)."""
+    return sample_grid(feat, pixel_grid(xy, image_size))
 
 
 def _per_drag(offsets: torch.Tensor, n_drags: int) -> torch.Tensor:
@@ -53,6 +63,25 @@ def _weighted_mean(s: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
     return (s * w).sum(-1) / w.sum(-1).clamp_min(1e-6)
 
 
+def drag_cells(handles: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor,
+               dst_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cells the drag energy compares: (target cells, handle cells), each (P, K, 2) pixels; target cell k is
+    where handle cell k should land (`dst_offsets` when the region is transformed, else the same offsets)."""
+    off = _per_drag(offsets, handles.shape[0])
+    dst = off if dst_offsets is None else dst_offsets
+    return targets[:, None, :] + dst, handles[:, None, :] + off
+
+
+def drag_energy_at(cur: torch.Tensor, ref: torch.Tensor, target_grid: torch.Tensor, handle_grid: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`drag_energy` on precomputed `pixel_grid`s of the (P, K) cells, shaped (P, K, 2): the guided sampler computes
+    them once per edit, since the geometry does not change between steps."""
+    p, k = target_grid.shape[:2]
+    s = similarity(sample_grid(cur, target_grid.reshape(-1, 2)), sample_grid(ref, handle_grid.reshape(-1, 2)))
+    s = _weighted_mean(s.view(s.shape[0], p, k), weights)  # (B, P)
+    return (1.0 / (1.0 + 4.0 * s)).mean(-1)
+
+
 def drag_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
                 offsets: torch.Tensor, image_size: tuple[int, int], weights: torch.Tensor | None = None,
                 dst_offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,14 +92,9 @@ def drag_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, tar
     the layout moves too, not only the average colour. `dst_offsets` (P, K, 2), when the region is not translated
     but transformed (scaled): where cell k should land, relative to the target.
     """
-    off = _per_drag(offsets, handles.shape[0])
-    p, k = off.shape[:2]
-    dst = off if dst_offsets is None else dst_offsets
-    t_xy = (targets[:, None, :] + dst).reshape(-1, 2)
-    h_xy = (handles[:, None, :] + off).reshape(-1, 2)
-    s = similarity(sample_at(cur, t_xy, image_size), sample_at(ref, h_xy, image_size))  # (B, P*K)
-    s = _weighted_mean(s.view(s.shape[0], p, k), weights)  # (B, P)
-    return (1.0 / (1.0 + 4.0 * s)).mean(-1)
+    t_xy, h_xy = drag_cells(handles, targets, offsets, dst_offsets)
+    return drag_energy_at(cur, ref, pixel_grid(t_xy.reshape(-1, 2), image_size).view(t_xy.shape),
+                          pixel_grid(h_xy.reshape(-1, 2), image_size).view(h_xy.shape), weights)
 
 
 def vacated_cells(handles: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, cell: float,
@@ -90,18 +114,26 @@ def vacated_cells(handles: torch.Tensor, targets: torch.Tensor, offsets: torch.T
     return h_xy[(d > cell / 2 + 1e-3).all(-1)]
 
 
+def patch_cell(offsets: torch.Tensor) -> float:
+    """A patch's own cell spacing: its smallest non-zero offset (1 for a single cell)."""
+    nz = offsets.abs()[offsets.abs() > 0]
+    return float(nz.min()) if nz.numel() else 1.0
+
+
+def inpaint_energy_at(cur: torch.Tensor, ref: torch.Tensor, vacated_grid: torch.Tensor) -> torch.Tensor:
+    """`inpaint_energy` on the precomputed `pixel_grid` (N, 2) of the vacated cells."""
+    if vacated_grid.shape[0] == 0:
+        return cur.new_zeros(cur.shape[0])
+    return similarity(sample_grid(cur, vacated_grid), sample_grid(ref, vacated_grid)).mean(-1)
+
+
 def inpaint_energy(cur: torch.Tensor, ref: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
                    offsets: torch.Tensor, image_size: tuple[int, int], cell: float | None = None,
                    weights: torch.Tensor | None = None, dst_offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Mean similarity of the vacated handle cells to their old content -> (B,). High = a ghost stays behind."""
-    if cell is None:  # the patch's own spacing: the smallest non-zero offset
-        nz = offsets.abs()[offsets.abs() > 0]
-        cell = float(nz.min()) if nz.numel() else 1.0
+    cell = patch_cell(offsets) if cell is None else cell
     xy = vacated_cells(handles, targets, offsets, cell, weights, dst_offsets)
-    if xy.shape[0] == 0:
-        return cur.new_zeros(cur.shape[0])
-    s = similarity(sample_at(cur, xy, image_size), sample_at(ref, xy, image_size))
-    return s.mean(-1)
+    return inpaint_energy_at(cur, ref, pixel_grid(xy, image_size))
 
 
 def region_offsets(region: torch.Tensor, handle: torch.Tensor, cell: float, max_cells: int) -> torch.Tensor:
@@ -124,19 +156,25 @@ def region_offsets(region: torch.Tensor, handle: torch.Tensor, cell: float, max_
     return pts - handle[None]
 
 
-def content_energy(cur: torch.Tensor, ref: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """1 / (1 + 4 * weighted-mean s(cur, ref)) over the unrelated region -> (B,).
+def area_weight(weight: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (H, W) weight in [0, 1] at a feature resolution `size` (h, w), by area averaging: a feature cell counts by
+    the fraction of its pixels that carry weight."""
+    return F.adaptive_avg_pool2d(weight[None, None].to(dtype), tuple(size))[0, 0]
 
-    `weight` (H, W) in [0, 1] is resized to the features' resolution by area averaging, so a feature cell counts by
-    the fraction of its pixels that are unrelated.
-    """
-    wgt = F.adaptive_avg_pool2d(weight[None, None].to(cur.dtype), cur.shape[-2:])[0, 0]
+
+def content_energy_at(cur: torch.Tensor, ref: torch.Tensor, wgt: torch.Tensor) -> torch.Tensor:
+    """`content_energy` with the weight already at the features' resolution (`area_weight`)."""
     total = wgt.sum()
-    if float(total) <= 0:
-        return cur.new_zeros(cur.shape[0])
     s = similarity(cur, ref)  # (B, h, w)
-    mean_s = (s * wgt).flatten(1).sum(-1) / total
-    return 1.0 / (1.0 + 4.0 * mean_s)
+    mean_s = (s * wgt).flatten(1).sum(-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    # no host sync: the empty-region case is a `where`, not an `if`
+    return torch.where(total > 0, 1.0 / (1.0 + 4.0 * mean_s), torch.zeros_like(mean_s))
+
+
+def content_energy(cur: torch.Tensor, ref: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + 4 * weighted-mean s(cur, ref)) over the unrelated region `weight` (H, W) -> (B,); 0 when it is
+    empty. The weight is resized to the features' resolution by `area_weight`."""
+    return content_energy_at(cur, ref, area_weight(weight, cur.shape[-2:], cur.dtype))
 
 
 def scale_about(points: torch.Tensor, centre: torch.Tensor, factor: float) -> torch.Tensor:

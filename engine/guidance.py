@@ -17,6 +17,24 @@ from luciddrag.engine import energies as E
 Region = Literal["edit", "content", "all"]
 
 
+@dataclass(frozen=True)
+class CellGrids:
+    """Where the energies sample the features, as `grid_sample` coordinates: fixed for a whole edit."""
+
+    target: torch.Tensor  # (P, K, 2) target cells (where each handle cell should land)
+    handle: torch.Tensor  # (P, K, 2) handle cells
+    vacated: torch.Tensor  # (N, 2) handle cells no moved cell covers (the inpaint term's)
+    unrelated: torch.Tensor  # (H, W) 1 - editable: the content term's weight
+    has_unrelated: bool  # False when the whole image is editable (the content term has nothing to keep)
+    unrelated_at: dict = field(default_factory=dict)  # (h, w, dtype) -> `unrelated` at a feature resolution
+
+    def unrelated_weight(self, feat: torch.Tensor) -> torch.Tensor:
+        key = (*feat.shape[-2:], feat.dtype)
+        if key not in self.unrelated_at:
+            self.unrelated_at[key] = E.area_weight(self.unrelated, feat.shape[-2:], feat.dtype)
+        return self.unrelated_at[key]
+
+
 @dataclass
 class Geometry:
     """Drag geometry at working resolution, shared by all terms of one edit."""
@@ -29,6 +47,22 @@ class Geometry:
     cell: float = 1.0  # spacing of the patch/region grid in pixels
     weights: torch.Tensor | None = None  # (P, K) validity of region cells (regions are padded to one K)
     dst_offsets: torch.Tensor | None = None  # (P, K, 2) where each cell lands relative to the target, if not `offsets`
+    _grids: CellGrids | None = field(default=None, init=False, repr=False, compare=False)
+
+    def grids(self) -> CellGrids:
+        """The sampling positions, computed on first use and kept: every guided step of the edit reads the same ones,
+        and recomputing them (boolean indexing, a host sync on GPU) on each step and block is pure overhead."""
+        if self._grids is None:
+            t_xy, h_xy = E.drag_cells(self.handles, self.targets, self.offsets, self.dst_offsets)
+            vac = E.vacated_cells(self.handles, self.targets, self.offsets, self.cell, self.weights, self.dst_offsets)
+            size = self.image_size
+            unrelated = 1.0 - self.editable
+            self._grids = CellGrids(
+                target=E.pixel_grid(t_xy.reshape(-1, 2), size).view(t_xy.shape),
+                handle=E.pixel_grid(h_xy.reshape(-1, 2), size).view(h_xy.shape),
+                vacated=E.pixel_grid(vac, size), unrelated=unrelated, has_unrelated=bool(unrelated.sum() > 0),
+            )
+        return self._grids
 
 
 @dataclass
@@ -78,10 +112,8 @@ class DragTerm:
         return self.weight > 0 and step < self.steps
 
     def energy(self, ctx: GuidanceContext) -> torch.Tensor:
-        g = ctx.geometry
-        return self.weight * _over_blocks(
-            ctx, lambda c, r: E.drag_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.weights, g.dst_offsets)
-        )
+        g, w = ctx.geometry.grids(), ctx.geometry.weights
+        return self.weight * _over_blocks(ctx, lambda c, r: E.drag_energy_at(c, r, g.target, g.handle, w))
 
 
 @dataclass
@@ -97,11 +129,8 @@ class InpaintTerm:
         return self.weight > 0 and step < self.steps
 
     def energy(self, ctx: GuidanceContext) -> torch.Tensor:
-        g = ctx.geometry
-        return self.weight * _over_blocks(
-            ctx, lambda c, r: E.inpaint_energy(c, r, g.handles, g.targets, g.offsets, g.image_size, g.cell, g.weights,
-                                                g.dst_offsets)
-        )
+        g = ctx.geometry.grids()
+        return self.weight * _over_blocks(ctx, lambda c, r: E.inpaint_energy_at(c, r, g.vacated))
 
 
 @dataclass
@@ -117,8 +146,10 @@ class ContentTerm:
         return self.weight > 0 and step < self.steps
 
     def energy(self, ctx: GuidanceContext) -> torch.Tensor:
-        unrelated = 1.0 - ctx.geometry.editable
-        return self.weight * _over_blocks(ctx, lambda c, r: E.content_energy(c, r, unrelated))
+        g = ctx.geometry.grids()
+        if not g.has_unrelated:  # the whole image is editable: no energy, and no gradient to compute
+            return ctx.latents.new_zeros(ctx.latents.shape[0], dtype=torch.float32)
+        return self.weight * _over_blocks(ctx, lambda c, r: E.content_energy_at(c, r, g.unrelated_weight(c)))
 
 
 def editing_terms(w_edit: float, w_inpaint: float, w_content: float, steps: int) -> list[GuidanceTerm]:

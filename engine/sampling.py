@@ -117,20 +117,27 @@ def guidance_gradient(terms: Sequence[GuidanceTerm], ctx: GuidanceContext, edit_
     Every term's energy is evaluated (for the diagnostics; they share the one UNet forward that produced
     `ctx.features`); only groups from `backward_groups` are differentiated. Returns (gradient, energies, backwards).
     """
-    energies: dict[str, torch.Tensor] = {term.name: term.energy(ctx) for term in terms}
-    report = {name: [float(v) for v in e.detach().float().cpu()] for name, e in energies.items()}
     groups = backward_groups(terms, blend_outside)
+    differentiated = {id(m) for _, members in groups for m in members}
+    energies: dict[str, torch.Tensor] = {}
+    for term in terms:
+        # a term no backward reads (content under the blend) is evaluated for the diagnostics only: no graph
+        with torch.set_grad_enabled(id(term) in differentiated):
+            energies[term.name] = term.energy(ctx)
+    # one device-to-host copy per step for all the diagnostics, not one per term
+    values = torch.stack([e.detach().float() for e in energies.values()]).cpu().tolist() if energies else []
+    report = dict(zip(energies, values))
     total = torch.zeros_like(ctx.latents)
-    for k, (region, members) in enumerate(groups):
-        energy = torch.stack([energies[m.name].sum() for m in members]).sum()
-        if not energy.requires_grad:  # no region to act on (content with the whole image editable): nothing to pull
-            continue
-        g, = torch.autograd.grad(energy, ctx.latents, retain_graph=k < len(groups) - 1, allow_unused=True)
+    pending = [(region, torch.stack([energies[m.name].sum() for m in members]).sum()) for region, members in groups]
+    # a group whose energy has no graph (content with the whole image editable) has nothing to pull: no backward
+    pending = [(region, energy) for region, energy in pending if energy.requires_grad]
+    for k, (region, energy) in enumerate(pending):
+        g, = torch.autograd.grad(energy, ctx.latents, retain_graph=k < len(pending) - 1, allow_unused=True)
         if g is None:
             continue
         mask = _mask_for(region, edit_mask)
         total = total + (g if mask is None else g * mask)
-    return total.detach(), report, len(groups)
+    return total.detach(), report, len(pending)
 
 
 def reference_features(unet_call: UNetCall, plan: SamplingPlan, t: int) -> dict[int, torch.Tensor]:

@@ -182,3 +182,74 @@ def test_one_backward_equals_the_sum_of_per_region_backwards():
     split, _, used = guidance_gradient(terms, fresh(), mask, blend_outside=False)
     assert used == 3
     assert torch.allclose(split, ga * mask + gb + gc * (1 - mask), rtol=1e-5, atol=1e-6)
+
+
+def test_terms_not_differentiated_are_evaluated_without_a_graph():
+    """Under the blend the content term only feeds the diagnostics: its energy is computed with grad off (no graph
+    recorded), while the edit terms keep theirs; the reported values are the energies themselves."""
+    from luciddrag.engine.guidance import Geometry
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    geom = Geometry(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(16, 16), (16, 16), torch.zeros(1, 2))
+    ctx = GuidanceContext(0, 10, 500, 0.5, x, {0: x * 2}, {0: x.detach()}, torch.zeros(1, 1, 1), geom)
+    seen: dict[str, bool] = {}
+
+    class Spy:
+        def __init__(self, name, region):
+            self.name, self.region = name, region
+
+        def active(self, step, n):
+            return True
+
+        def energy(self, c):
+            seen[self.name] = torch.is_grad_enabled()
+            return (c.features[0] ** 2).flatten(1).mean(1)
+
+    grad, report, used = guidance_gradient([Spy("e", "edit"), Spy("c", "content")], ctx, torch.ones(8, 8),
+                                           blend_outside=True)
+    assert seen == {"e": True, "c": False} and used == 1
+    expected = float((4 * x.detach() ** 2).mean())
+    assert report["e"] == pytest.approx([expected]) and report["c"] == pytest.approx([expected])
+    assert grad.abs().sum() > 0
+
+
+def test_cached_grids_give_the_energies_of_the_pure_functions():
+    """Geometry.grids() (computed once per edit) fed to the *_at energies equals the pure functions that recompute
+    every position from the drags, bit for bit; whole-image editable: no unrelated region."""
+    from luciddrag.engine import energies as E
+    from luciddrag.engine.guidance import Geometry
+
+    torch.manual_seed(0)
+    handles, targets = torch.tensor([[6.0, 9.0], [20.0, 12.0]]), torch.tensor([[12.0, 9.0], [18.0, 22.0]])
+    offsets = torch.randn(2, 5, 2) * 3
+    weights = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    dst = offsets * 1.5
+    editable = torch.zeros(32, 32)
+    editable[4:28, 2:26] = 1
+    geom = Geometry(handles, targets, editable, (32, 32), offsets, cell=2.0, weights=weights, dst_offsets=dst)
+    cur, ref = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    g = geom.grids()
+    assert geom.grids() is g  # kept
+    assert torch.equal(E.drag_energy_at(cur, ref, g.target, g.handle, weights),
+                       E.drag_energy(cur, ref, handles, targets, offsets, (32, 32), weights, dst))
+    assert torch.equal(E.inpaint_energy_at(cur, ref, g.vacated),
+                       E.inpaint_energy(cur, ref, handles, targets, offsets, (32, 32), 2.0, weights, dst))
+    assert torch.equal(E.content_energy_at(cur, ref, g.unrelated_weight(cur)),
+                       E.content_energy(cur, ref, 1.0 - editable))
+    assert g.has_unrelated
+    whole = Geometry(handles, targets, torch.ones(32, 32), (32, 32), offsets)
+    assert not whole.grids().has_unrelated
+    assert torch.equal(E.content_energy(cur, ref, torch.zeros(32, 32)), torch.zeros(2))
+
+
+def test_whole_image_editable_without_blend_runs_no_content_backward(tiny_editor):
+    """With a mask covering the whole image and no blend, the content term has no region: no backward is run or
+    counted for it, and the result is the edit without a content term, bit for bit."""
+    mask = np.ones((40, 48), bool)
+    res = tiny_editor.edit(_req(mask=mask, guidance=GuidanceConfig(blend_outside=False)))
+    without = tiny_editor.edit(_req(mask=mask, guidance=GuidanceConfig(blend_outside=False, w_content=0)))
+    guided = sum(1 for d in res.diagnostics if "drag" in d)
+    assert guided > 0 and all(d["content"] == [0.0] for d in res.diagnostics if "content" in d)
+    assert res.stats["unet_backward"] == guided == without.stats["unet_backward"]
+    assert torch.equal(res.latents, without.latents)
