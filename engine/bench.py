@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from luciddrag.engine.features import FeatureTap
 from luciddrag.engine.loading import Components, load_components, pick_device, pick_dtype
 from luciddrag.engine.pipeline import DragEditor, EngineOptions
 from luciddrag.engine.request import FAST_STEPS, EditRequest, GuidanceConfig
@@ -137,14 +138,63 @@ def _low_precision(comps: Components) -> Components:
                       comps.name)
 
 
+def pass_costs(editor: DragEditor, size: tuple[int, int], by_cpu: bool, repeats: int = 10) -> dict[str, float]:
+    """Seconds of one UNet pass at batch 1 on a `size` (W, H) image: a forward without grad ("forward"), and a forward
+    that records the graph up to the feature blocks plus the backward from them to the latents ("forward_backward").
+
+    Their difference is what any *exact* guidance gradient adds to a step before a single energy is evaluated: the
+    floor under the guided / unguided ratio. Best of `repeats`, timed like the rows (thread CPU time on one CPU
+    thread, else wall clock)."""
+    c = editor.c
+    h, w = size[1] // c.vae_scale, size[0] // c.vae_scale
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, c.unet.config.in_channels, h, w, generator=gen).to(c.device, c.dtype)
+    emb = editor._encode(["a photo of a cat"])  # noqa: SLF001 - the engine's own encoder
+    tap = FeatureTap(c.unet, GuidanceConfig().feature_blocks, prune_tail=editor.options.prune_tail)
+
+    def clock() -> float:
+        if c.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.thread_time() if by_cpu else time.perf_counter()
+
+    def forward() -> None:
+        with torch.no_grad():
+            c.unet(x0, 500, encoder_hidden_states=emb)
+
+    def forward_backward() -> None:
+        with torch.enable_grad():
+            x = x0.detach().requires_grad_(True)
+            with tap.capture() as feats:
+                c.unet(x, 500, encoder_hidden_states=emb)
+            energy = torch.stack([f.float().square().mean() for f in feats.values()]).sum()
+            torch.autograd.grad(energy, x)
+
+    out: dict[str, float] = {}
+    try:
+        for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
+            fn()  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = clock()
+                fn()
+                best = min(best, clock() - t0)
+            out[name] = best
+    finally:
+        tap.remove()
+    return out
+
+
 def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 50, intentions: int = 3,
               device: str | None = None, dtype: str | None = None, repeats: int = 1,
-              switches: Sequence[str] = SWITCHES, compile: bool = False, threads: int | None = None) -> dict:
+              switches: Sequence[str] = SWITCHES, compile: bool = False, threads: int | None = None,
+              floor: bool = True) -> dict:
     """Time, count and measure the reference edits and each switch, in one process, against an unguided run.
 
-    Rows: unguided inversion + sampling (no guidance, no K/V, no z_T copy), the default guided edit, K intentions
-    batched and the same K one after another, then one row per switch. Repeats are interleaved (each round runs
-    every row once) and the best time is kept, so load from other processes hits every row alike."""
+    Rows: unguided inversion + sampling (no guidance, no K/V, no z_T copy), the default guided edit, the guided edit
+    taken apart (editing guidance alone; K/V injection alone), K intentions batched and the same K one after another,
+    then one row per switch. Repeats are interleaved (each round runs every row once) and the best time is kept, so
+    load from other processes hits every row alike. `floor`: also time single UNet passes (`pass_costs`) and report
+    the ratio an exact gradient cannot go under (skip it where a pass takes minutes, e.g. SD on CPU)."""
     if threads:
         torch.set_num_threads(threads)
     comps = _build(model, device, dtype)
@@ -158,6 +208,9 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
     plain = EditRequest.create(**base, guidance=GuidanceConfig(w_edit=0, w_content=0, w_inpaint=0,
                                                                kv_injection=False, init_copy=False))
     full = EditRequest.create(**base)
+    # the guided edit taken apart: editing guidance alone, and semantic guidance's K/V injection alone
+    guidance_only = EditRequest.create(**base, guidance=GuidanceConfig(kv_injection=False, init_copy=False))
+    kv_only = EditRequest.create(**base, guidance=GuidanceConfig(w_edit=0, w_content=0, w_inpaint=0, init_copy=False))
     pairs = [("a photo of a cat", t) for t in ("a photo of a cat", "a photo of a big cat",
                                                "a photo of a cat looking left", "a photo of a small cat")][:intentions]
     editor = DragEditor(comps, show_progress=False)
@@ -166,6 +219,8 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
     rows: list[tuple[str, Any, list]] = [
         ("unguided", lambda: editor, [(plain, None)]),
         ("guided", lambda: editor, [(full, None)]),
+        ("guidance only (no K/V, no z_T copy)", lambda: editor, [(guidance_only, None)]),
+        ("K/V injection only (no guidance)", lambda: editor, [(kv_only, None)]),
     ]
     if len(pairs) > 1:
         rows += [(f"K={len(pairs)} batched", lambda: editor, [(full, pairs)]),
@@ -227,6 +282,8 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
             if name not in best or dt < best[name]["s"]:
                 best[name] = {"s": dt, "wall": wall, "outs": outs, "peak_mb": mem.mb}
     ref = best["unguided"]["s"]
+    costs = pass_costs(editor, best["guided"]["outs"][0].stats["working_size"], by_cpu, max(5, 3 * repeats)) \
+        if floor else None
     table = []
     for name, _, _ in rows:
         b = best[name]
@@ -246,8 +303,16 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
         "timing": "thread CPU time (1 thread)" if by_cpu else "wall clock",
         "memory_bank_mb": round(best["guided"]["outs"][0].stats["memory_bank_mb"], 1),
         "guided_over_unguided": round(best["guided"]["s"] / ref, 2),
+        "guidance_only_over_unguided": round(best["guidance only (no K/V, no z_T copy)"]["s"] / ref, 2),
         "rows": table,
     }
+    if costs:
+        # each backward of the guided run costs (graph-recording forward + backward) - (plain forward) on top of the
+        # unguided run, before any energy is evaluated: the floor of the guided / unguided ratio for an exact gradient
+        extra = costs["forward_backward"] - costs["forward"]
+        backwards = sum(o.stats["unet_backward"] for o in best["guided"]["outs"])
+        report["gradient_pass_over_forward"] = round(extra / costs["forward"], 2)
+        report["exact_gradient_floor"] = round(1 + backwards * extra / ref, 2)
     if k > 1:
         report[f"batched_k{k}_over_single"] = round(best[f"K={k} batched"]["s"] / best["guided"]["s"], 2)
         report[f"batched_k{k}_over_sequential"] = round(best[f"K={k} batched"]["s"] / best[f"K={k} sequential"]["s"], 2)
@@ -266,6 +331,7 @@ def format_report(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['config']} | {r['seconds']} | {r['over_unguided']} | {r['unet_forward']} | "
                      f"{r['unet_backward']} | {r['steps']} | {r['peak_mb']} |")
-    ratios = {k: v for k, v in report.items() if "_over_" in k or k in ("memory_bank_mb", "compile_s")}
+    ratios = {k: v for k, v in report.items()
+              if "_over_" in k or k in ("exact_gradient_floor", "memory_bank_mb", "compile_s")}
     lines += ["", json.dumps(ratios)]
     return "\n".join(lines)

@@ -11,11 +11,16 @@ def test_bench_rows_count_passes_and_report_ratios():
 
     r = run_bench("tiny", steps=4, intentions=2, device="cpu", switches=("fast", "checkpointing"), threads=1)
     rows = {row["config"]: row for row in r["rows"]}
-    assert list(rows) == ["unguided", "guided", "K=2 batched", "K=2 sequential", "fast (25 steps)",
+    assert list(rows) == ["unguided", "guided", "guidance only (no K/V, no z_T copy)",
+                          "K/V injection only (no guidance)", "K=2 batched", "K=2 sequential", "fast (25 steps)",
                           "fast K=2 batched", "gradient checkpointing"]
     # 4 steps: inversion 4 + sampling 4 x (cond + uncond); one backward per guided step (edit_steps 30 >= 4)
     assert rows["guided"]["unet_forward"] == 12 and rows["guided"]["unet_backward"] == 4
     assert rows["unguided"]["unet_backward"] == 0
+    assert rows["guidance only (no K/V, no z_T copy)"]["unet_backward"] == 4
+    assert rows["K/V injection only (no guidance)"]["unet_backward"] == 0
+    # a gradient pass costs more than a forward, so the floor lies above 1 (and it is a ratio, not a time)
+    assert r["gradient_pass_over_forward"] > 0 and 1 < r["exact_gradient_floor"] < 10
     assert rows["K=2 sequential"]["unet_forward"] == 24 and rows["K=2 batched"]["unet_forward"] == 12
     assert rows["gradient checkpointing"]["unet_backward"] == 4
     assert rows["fast (25 steps)"]["steps"] == 4  # fewer steps than the preset already
@@ -23,3 +28,4 @@ def test_bench_rows_count_passes_and_report_ratios():
     assert r["guided_over_unguided"] == rows["guided"]["over_unguided"]
     text = format_report(r)
     assert "| gradient checkpointing |" in text and "batched_k2_over_sequential" in text
+    assert "exact_gradient_floor" in text

@@ -246,8 +246,14 @@ def bench_engine(
                                  + ", ".join(SWITCHES) + " ('' for none)."),
     compile_unet: bool = typer.Option(False, "--compile", help="Also a torch.compile row (slow to build)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (1 gives steadier CPU timings)."),
+    floor: bool = typer.Option(True, help="Also time single UNet passes and print the ratio an exact gradient cannot "
+                               "go under (--no-floor where a pass takes minutes: SD on CPU)."),
 ) -> None:
     """Time a guided edit against an unguided inversion+sampling in the same process; print passes and peak memory.
+
+    Rows: unguided, guided, the guided edit taken apart (guidance only, K/V injection only), K intentions batched and
+    sequential, then the switches. Ratios are to the unguided row of the same run; `exact_gradient_floor` is what
+    the guided/unguided ratio would be if energies and K/V cost nothing (the UNet backwards alone).
 
     GPU target run (one command, no downloads): `luciddrag bench engine --model sd21-base --device cuda --repeats 3`.
     """
@@ -260,7 +266,7 @@ def bench_engine(
         if unknown:
             _fail(f"unknown switch {unknown[0]!r}: one of {', '.join(SWITCHES)}")
         report = run_bench(model, resolution, steps, intentions, device, dtype, repeats, switches=chosen,
-                           compile=compile_unet, threads=threads)
+                           compile=compile_unet, threads=threads, floor=floor)
     except LucidDragError as exc:
         _fail(str(exc))
     text = format_report(report)
