@@ -17,7 +17,7 @@ from luciddrag.engine.bench import format_report, run_bench
 
 model, out, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 report = run_bench(model, resolution=512, steps=50, intentions=3, device="cuda", dtype="fp16", repeats=repeats,
-                   switches=("fast", "checkpointing", "no-prune", "channels-last"), compile=True)
+                   switches=("parts", "fast", "checkpointing", "no-prune", "channels-last"), compile=True)
 print(format_report(report), flush=True)
 with open(f"{out}/{model}.json", "w") as f:
     json.dump(report, f, indent=1)

@@ -9,7 +9,7 @@ import pytest
 def test_bench_rows_count_passes_and_report_ratios():
     from luciddrag.engine.bench import format_report, run_bench
 
-    r = run_bench("tiny", steps=4, intentions=2, device="cpu", switches=("fast", "checkpointing"), threads=1)
+    r = run_bench("tiny", steps=4, intentions=2, device="cpu", switches=("parts", "fast", "checkpointing"), threads=1)
     rows = {row["config"]: row for row in r["rows"]}
     assert list(rows) == ["unguided", "guided", "guidance only (no K/V, no z_T copy)",
                           "K/V injection only (no guidance)", "K=2 batched", "K=2 sequential", "fast (25 steps)",
