@@ -139,9 +139,11 @@ def _low_precision(comps: Components) -> Components:
                       comps.name)
 
 
-def pass_costs(editor: DragEditor, size: tuple[int, int], by_cpu: bool, repeats: int = 10) -> dict[str, float]:
+def pass_costs(editor: DragEditor, size: tuple[int, int], by_cpu: bool, repeats: int = 10,
+               batch: int = 1) -> dict[str, float]:
     """Seconds of one UNet pass at batch 1 on a `size` (W, H) image: a forward without grad ("forward"), and a forward
-    that records the graph up to the feature blocks plus the backward from them to the latents ("forward_backward").
+    that records the graph up to the feature blocks plus the backward from them to the latents ("forward_backward");
+    with `batch` > 1 also a forward at that batch ("forward_batch": what K intentions sampled together cost per pass).
 
     Their difference is what any *exact* guidance gradient adds to a step before a single energy is evaluated: the
     floor under the guided / unguided ratio. Best of `repeats`, timed like the rows (thread CPU time on one CPU
@@ -162,6 +164,10 @@ def pass_costs(editor: DragEditor, size: tuple[int, int], by_cpu: bool, repeats:
         with torch.no_grad():
             c.unet(x0, 500, encoder_hidden_states=emb)
 
+    def forward_batch() -> None:
+        with torch.no_grad():
+            c.unet(x0.expand(batch, -1, -1, -1), 500, encoder_hidden_states=emb.expand(batch, -1, -1))
+
     def forward_backward() -> None:
         with torch.enable_grad():
             x = x0.detach().requires_grad_(True)
@@ -172,7 +178,10 @@ def pass_costs(editor: DragEditor, size: tuple[int, int], by_cpu: bool, repeats:
 
     out: dict[str, float] = {}
     try:
-        for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
+        passes = [("forward", forward), ("forward_backward", forward_backward)]
+        if batch > 1:
+            passes.append(("forward_batch", forward_batch))
+        for name, fn in passes:
             fn()  # warm-up
             best = float("inf")
             for _ in range(repeats):
@@ -284,8 +293,8 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
             if name not in best or dt < best[name]["s"]:
                 best[name] = {"s": dt, "wall": wall, "outs": outs, "peak_mb": mem.mb}
     ref = best["unguided"]["s"]
-    costs = pass_costs(editor, best["guided"]["outs"][0].stats["working_size"], by_cpu, max(5, 3 * repeats)) \
-        if floor else None
+    costs = pass_costs(editor, best["guided"]["outs"][0].stats["working_size"], by_cpu, max(5, 3 * repeats),
+                       batch=len(pairs)) if floor else None
     table = []
     for name, _, _ in rows:
         b = best[name]
@@ -316,6 +325,9 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
         backwards = sum(o.stats["unet_backward"] for o in best["guided"]["outs"])
         report["gradient_pass_over_forward"] = round(extra / costs["forward"], 2)
         report["exact_gradient_floor"] = round(1 + backwards * extra / ref, 2)
+        if "forward_batch" in costs:
+            # how the UNet itself scales with the batch: what bounds batched / single from below
+            report[f"unet_batch{len(pairs)}_over_batch1"] = round(costs["forward_batch"] / costs["forward"], 2)
     if k > 1:
         report[f"batched_k{k}_over_single"] = round(best[f"K={k} batched"]["s"] / best["guided"]["s"], 2)
         report[f"batched_k{k}_over_sequential"] = round(best[f"K={k} batched"]["s"] / best[f"K={k} sequential"]["s"], 2)

@@ -21,6 +21,7 @@ def test_bench_rows_count_passes_and_report_ratios():
     assert rows["K/V injection only (no guidance)"]["unet_backward"] == 0
     # a gradient pass costs more than a forward, so the floor lies above 1 (and it is a ratio, not a time)
     assert r["gradient_pass_over_forward"] > 0 and 1 < r["exact_gradient_floor"] < 10
+    assert 0.5 < r["unet_batch2_over_batch1"] < 4
     assert rows["K=2 sequential"]["unet_forward"] == 24 and rows["K=2 batched"]["unet_forward"] == 12
     assert rows["gradient checkpointing"]["unet_backward"] == 4
     assert rows["fast (25 steps)"]["steps"] == 4  # fewer steps than the preset already
