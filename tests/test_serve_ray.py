@@ -80,6 +80,38 @@ def test_serve_sampler_command():
     assert bad.exit_code == 2
 
 
+def test_a_taken_http_port_is_one_line_and_exit_code_2(monkeypatch):
+    """Serve's proxy reports a taken port from inside a Ray task (a traceback from another process); `luciddrag
+    serve sampler` says which port, and what to do, in one line with exit code 2."""
+    from typer.testing import CliRunner
+
+    import luciddrag.agent.serving.cli as cli
+    import luciddrag.agent.serving.ray_app as ray_app
+
+    class FakeRay:
+        def is_initialized(self):
+            return True
+
+    class FakeServe:
+        def start(self, **kw):
+            raise RuntimeError("ray::ProxyActor.ready() ... RuntimeError: Failed to bind to address '0.0.0.0:8000'.")
+
+    monkeypatch.setattr(ray_app, "import_ray", lambda: (FakeRay(), FakeServe()))
+    with pytest.raises(ray_app.PortInUseError, match=r"0\.0\.0\.0:8000 is already in use: pick another --http-port"):
+        ray_app.start_sampler(ray_app.SamplerSettings(), http_host="0.0.0.0", http_port=8000)
+    monkeypatch.setattr(cli, "start_sampler", ray_app.start_sampler)
+    res = CliRunner().invoke(cli.app, ["sampler", "--http-host", "0.0.0.0", "--http-port", "8000"])
+    assert res.exit_code == 2 and "already in use" in res.output and "Traceback" not in res.output, res.output
+
+    class OtherFailure(FakeServe):
+        def start(self, **kw):
+            raise RuntimeError("something else")
+
+    monkeypatch.setattr(ray_app, "import_ray", lambda: (FakeRay(), OtherFailure()))
+    with pytest.raises(RuntimeError, match="something else"):  # not every failure is a port
+        ray_app.start_sampler(ray_app.SamplerSettings(), http_host="0.0.0.0", http_port=8000)
+
+
 def test_images_and_masks_cross_as_png_exactly():
     im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8))
     assert np.array_equal(np.asarray(image_from_b64(png_b64(im))), np.asarray(im))
@@ -135,14 +167,25 @@ def serve_app(tiny_model_dir):
                                             "(.ci/run installs it)")
     from luciddrag.agent.serving.ray_app import SamplerSettings, import_ray, start_sampler
 
+    from luciddrag.agent.serving.ray_app import PortInUseError
+
     ray, serve = import_ray()
-    port = _free_port()
     settings = SamplerSettings(model=str(tiny_model_dir), device="cpu", app_name=APP, num_cpus=1,
                                max_batch_size=4, batch_wait_timeout_s=0.5, health_check_period_s=1.0)
     # one CPU for the whole Ray (the machine is shared); controller and proxy reserve none; loopback only
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
-        handle = start_sampler(settings, http_host="127.0.0.1", http_port=port)
+        for attempt in range(3):
+            # a port free now can be taken before Serve's proxy binds it (Ray's own processes pick ports too):
+            # the product says so in one line (PortInUseError); here, take another one
+            port = _free_port()
+            try:
+                handle = start_sampler(settings, http_host="127.0.0.1", http_port=port)
+                break
+            except PortInUseError:
+                serve.shutdown()
+                if attempt == 2:
+                    raise
         yield {"handle": handle, "model": str(tiny_model_dir), "url": f"http://127.0.0.1:{port}/{APP}"}
     finally:
         reset_clients()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from luciddrag.agent.serving.protocol import (SampleJob, SampleReply, TrackJob, TrackReply, replica_name,
                                               run_sample_batch, run_track)
-from luciddrag.engine.errors import InputError
+from luciddrag.engine.errors import InputError, ResourceError
 from luciddrag.engine.loading import DEFAULT_MODEL
 
 DEFAULT_APP = "luciddrag-sampler"
@@ -153,9 +153,20 @@ def start_sampler(settings: SamplerSettings, *, address: str | None = None, http
         elif num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         ray.init(**kwargs)
-    if http_host:
-        serve.start(http_options={"host": http_host, "port": http_port})
-    else:
-        serve.start(proxy_location="Disabled")
     route = f"/{settings.app_name}" if http_host else None
-    return serve.run(build_app(settings), name=settings.app_name, route_prefix=route)
+    try:
+        if http_host:
+            serve.start(http_options={"host": http_host, "port": http_port})
+        else:
+            serve.start(proxy_location="Disabled")
+        return serve.run(build_app(settings), name=settings.app_name, route_prefix=route)
+    except Exception as exc:
+        # Serve's proxy reports a taken port from inside a Ray task, as a traceback from another process
+        if "Failed to bind" in str(exc):
+            raise PortInUseError(f"{http_host}:{http_port} is already in use: pick another --http-port, or stop "
+                                 "what listens there") from None
+        raise
+
+
+class PortInUseError(ResourceError):
+    """The HTTP port asked for is taken (Serve's proxy could not bind it)."""
