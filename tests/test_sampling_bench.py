@@ -30,3 +30,23 @@ def test_bench_rows_count_passes_and_report_ratios():
     text = format_report(r)
     assert "| gradient checkpointing |" in text and "batched_k2_over_sequential" in text
     assert "exact_gradient_floor" in text
+
+
+@pytest.mark.slow
+def test_bench_engine_command_writes_json_and_refuses_unknown_switches(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from luciddrag.agent.cli.main import app
+
+    out = tmp_path / "b" / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "engine", "--steps", "2", "--intentions", "1", "--switches", "",
+                                   "--threads", "1", "--no-floor", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())  # the numbers, as JSON (not the printed table)
+    assert [r["config"] for r in data["rows"]] == ["unguided", "guided"]
+    assert data["rows"][1]["unet_backward"] == 2 and "exact_gradient_floor" not in data
+    assert "| guided |" in res.output
+    bad = CliRunner().invoke(app, ["bench", "engine", "--switches", "parts,turbo"])
+    assert bad.exit_code == 2 and "unknown switch 'turbo'" in bad.output

@@ -273,7 +273,7 @@ def bench_engine(
     typer.echo(text)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text)
+        json_out.write_text(json.dumps(report, indent=1))
 
 
 @eval_app.command("shapes")
