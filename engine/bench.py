@@ -12,7 +12,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -197,14 +197,16 @@ def pass_costs(editor: DragEditor, size: tuple[int, int], by_cpu: bool, repeats:
 def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 50, intentions: int = 3,
               device: str | None = None, dtype: str | None = None, repeats: int = 1,
               switches: Sequence[str] = SWITCHES, compile: bool = False, threads: int | None = None,
-              floor: bool = True) -> dict:
+              floor: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Time, count and measure the reference edits and each switch, in one process, against an unguided run.
 
     Rows: unguided inversion + sampling (no guidance, no K/V, no z_T copy), the default guided edit, the guided edit
     taken apart (editing guidance alone; K/V injection alone), K intentions batched and the same K one after another,
     then one row per switch. Repeats are interleaved (each round runs every row once) and the best time is kept, so
     load from other processes hits every row alike. `floor`: also time single UNet passes (`pass_costs`) and report
-    the ratio an exact gradient cannot go under (skip it where a pass takes minutes, e.g. SD on CPU)."""
+    the ratio an exact gradient cannot go under (skip it where a pass takes minutes, e.g. SD on CPU). `log`: called
+    with one line per measured row as it finishes, so a run cut short (a time-limited GPU session) keeps what it
+    measured."""
     if threads:
         torch.set_num_threads(threads)
     comps = _build(model, device, dtype)
@@ -292,6 +294,9 @@ def run_bench(model: str = "tiny", resolution: int | None = None, steps: int = 5
             dt = cpu if by_cpu else wall
             if name not in best or dt < best[name]["s"]:
                 best[name] = {"s": dt, "wall": wall, "outs": outs, "peak_mb": mem.mb}
+            if log:
+                log(f"{name}: {dt:.3f} s, peak {mem.mb:.1f} MB, UNet fwd/bwd "
+                    f"{sum(o.stats['unet_forward'] for o in outs)}/{sum(o.stats['unet_backward'] for o in outs)}")
     ref = best["unguided"]["s"]
     costs = pass_costs(editor, best["guided"]["outs"][0].stats["working_size"], by_cpu, max(5, 3 * repeats),
                        batch=len(pairs)) if floor else None
