@@ -9,7 +9,9 @@ import pytest
 def test_bench_rows_count_passes_and_report_ratios():
     from luciddrag.engine.bench import format_report, run_bench
 
-    r = run_bench("tiny", steps=4, intentions=2, device="cpu", switches=("parts", "fast", "checkpointing"), threads=1)
+    lines: list[str] = []
+    r = run_bench("tiny", steps=4, intentions=2, device="cpu", switches=("parts", "fast", "checkpointing"), threads=1,
+                  log=lines.append)
     rows = {row["config"]: row for row in r["rows"]}
     assert list(rows) == ["unguided", "guided", "guidance only (no K/V, no z_T copy)",
                           "K/V injection only (no guidance)", "K=2 batched", "K=2 sequential", "fast (25 steps)",
@@ -27,6 +29,8 @@ def test_bench_rows_count_passes_and_report_ratios():
     assert rows["fast (25 steps)"]["steps"] == 4  # fewer steps than the preset already
     assert all(row["peak_mb"] > 0 and row["seconds"] > 0 for row in r["rows"])
     assert r["guided_over_unguided"] == rows["guided"]["over_unguided"]
+    # one line per row as it finishes (a run cut short keeps them), with its passes
+    assert [ln.split(":")[0] for ln in lines] == list(rows) and lines[1].endswith("UNet fwd/bwd 12/4")
     text = format_report(r)
     assert "| gradient checkpointing |" in text and "batched_k2_over_sequential" in text
     assert "exact_gradient_floor" in text
