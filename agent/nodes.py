@@ -250,12 +250,17 @@ def region_motion(intention: Intention, ctx: AgentContext) -> str | None:
     return "translate" if ctx.handle_regions == "always" else None
 
 
+def word_factor(size_change: float, direction: str | None) -> float | None:
+    """A size word's factor: "grow" -> `size_change`, "shrink" -> its reciprocal, no word -> None."""
+    return size_change if direction == "grow" else 1.0 / size_change if direction == "shrink" else None
+
+
 def size_factor(ctx: AgentContext, direction: str | None) -> float | None:
     """The size factor a resize-and-move with one drag per object gets from its word (see AgentContext.size_change):
     "bigger" -> size_change, "smaller" -> its reciprocal, no word -> None (the engine then only moves it)."""
     if not 1.0 < ctx.size_change <= 10.0:
         raise InputError(f"size_change must be in (1, 10], not {ctx.size_change!r}: it is how much 'bigger' grows")
-    return ctx.size_change if direction == "grow" else 1.0 / ctx.size_change if direction == "shrink" else None
+    return word_factor(ctx.size_change, direction)
 
 
 def scale_direction(intention: Intention) -> str | None:

@@ -47,6 +47,8 @@ class Geometry:
     cell: float = 1.0  # spacing of the patch/region grid in pixels
     weights: torch.Tensor | None = None  # (P, K) validity of region cells (regions are padded to one K)
     dst_offsets: torch.Tensor | None = None  # (P, K, 2) where each cell lands relative to the target, if not `offsets`
+    # per drag: how its region is resized ((centre, factor[, shift]), see pipeline.region_transforms), or None
+    transforms: list | None = None
     _grids: CellGrids | None = field(default=None, init=False, repr=False, compare=False)
 
     def grids(self) -> CellGrids:

@@ -457,11 +457,7 @@ class DragEditor:
             if cfg.init_copy:
                 radius = max(1, round((cfg.patch_radius + 0.5) * self._stride() / c.vae_scale))
                 gen = torch.Generator().manual_seed(request.seed)
-                scales = None
-                if request.region_motion != "translate" and prep.handle_masks:
-                    scales = region_transforms(request.region_motion, prep.handle_masks,
-                                               geometry.handles.cpu().numpy(), geometry.targets.cpu().numpy(),
-                                               request.scale_direction, request.region_scale)
+                scales = geometry.transforms if request.region_motion != "translate" and prep.handle_masks else None
                 latents = copy_patches(latents, geometry.handles, geometry.targets, c.vae_scale, radius,
                                        regions=prep.handle_masks, vacate=cfg.vacate_noise, generator=gen,
                                        scales=scales)
@@ -578,7 +574,7 @@ class DragEditor:
         return Geometry(
             handles=h_t, targets=t_t,
             editable=torch.from_numpy(editable.astype(np.float32)).to(dev), image_size=prep.working_size,
-            offsets=offsets, cell=cell, weights=weights, dst_offsets=dst_offsets,
+            offsets=offsets, cell=cell, weights=weights, dst_offsets=dst_offsets, transforms=transforms,
         )
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel
 
+from luciddrag.agent.nodes import word_factor
 from luciddrag.engine.request import DragPair, EditRequest, GuidanceConfig
 from luciddrag.evals.shapesworld import world
 from luciddrag.evals.shapesworld.scoring import TaskScore, score_task
@@ -156,7 +157,7 @@ def oracle_request(at: AgentTask, steps: int, guidance: GuidanceConfig, guidance
     t = at.task
     motion = {"move": "translate", "resize": "scale", "move+resize": "similarity"}[at.family]
     direction = None if at.family == "move" else "grow" if at.intent.endswith("grow") else "shrink"
-    factor = None if motion != "similarity" else size_change if direction == "grow" else 1.0 / size_change
+    factor = word_factor(size_change, direction) if motion == "similarity" else None
     # a resize's drags on the edge already say which way it goes; a one-point move+resize needs the word
     return EditRequest.create(image=t.scene().image, points=t.points, mask=t.editable_mask() if at.use_mask else None,
                               handle_masks=[t.source_mask()] * len(t.drags), region_motion=motion,
